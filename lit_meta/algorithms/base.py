@@ -1,0 +1,245 @@
+"""``MetaLearner``: the LightningModule every algorithm inherits.
+
+It owns what algorithms share: the network (built from the data's ``task_spec``), the
+vmapped per-task computation around the one inner-loop engine (``lit_meta.inner``),
+the shared meta-step, the meta-optimizer and its schedule, and episodic evaluation
+(pre/post-adaptation loss and accuracy with a 95% CI over the fixed test tasks).
+
+An algorithm overrides only what differs: ``adapt_names`` (what adapts),
+``update_rule`` (how it adapts) and ``outer_update`` (what it contributes).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+from lit_meta.inner import SGD, Adapted, Params, UpdateRule, adapt
+from lit_meta.meta_step import MetaStep
+from lit_meta.models import build_network
+from lit_meta.tasks import TaskBatch
+
+META_OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+class MetaLearner(pl.LightningModule):
+    algorithm = "base"
+
+    def __init__(
+        self,
+        task_spec: dict[str, Any],
+        backbone: str = "auto",
+        backbone_kwargs: dict[str, Any] | None = None,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        eval_inner_steps: int | None = None,
+        first_order: bool = False,
+        meta_batch_size: int = 4,
+        meta_optimizer: str = "adam",
+        meta_lr: float = 1e-3,
+        lr_schedule: str = "constant",
+        weighting: str = "uniform",
+        grad_clip: float | None = None,
+        task_chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
+            raise ValueError(f"inner_steps/eval_inner_steps must be >= 0, got {inner_steps}/{eval_inner_steps}")
+        if inner_lr <= 0:
+            raise ValueError(f"inner_lr must be > 0, got {inner_lr}")
+        if meta_lr <= 0:
+            raise ValueError(f"meta_lr must be > 0, got {meta_lr}")
+        if meta_batch_size < 1:
+            raise ValueError(f"meta_batch_size must be >= 1, got {meta_batch_size}")
+        if meta_optimizer not in META_OPTIMIZERS:
+            raise ValueError(f"meta_optimizer must be one of {META_OPTIMIZERS}, got {meta_optimizer!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.task_spec = task_spec
+        self.net = build_network(backbone, task_spec, **(backbone_kwargs or {}))
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        self.first_order = first_order
+        self.meta_batch_size = meta_batch_size
+        self.meta_step = MetaStep(weighting, grad_clip)
+        self.task_chunk_size = task_chunk_size
+        self.regression = task_spec["kind"] == "regression"
+        self._eval_sums: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ hooks
+    def adapt_names(self) -> list[str]:
+        """Names (in ``inner_params``) that the inner loop adapts. All, for MAML."""
+        return [n for n, _ in self.net.named_parameters()]
+
+    def update_rule(self, training: bool) -> UpdateRule:
+        return SGD(self.inner_lr)
+
+    def first_order_at(self, training: bool) -> bool:
+        return self.first_order or not training
+
+    def outer_update(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """Adapt the batch's tasks and step the meta-optimizer. MAML: query losses."""
+        out = self.run_tasks(batch, self.inner_steps, first_order=self.first_order_at(True), training=True)
+        self.meta_step(self, out["updates"], query_losses=out["query_loss"])
+        return out
+
+    # ------------------------------------------------------------------ the per-task function
+    def inner_params(self) -> Params:
+        return dict(self.net.named_parameters())
+
+    def forward_fn(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
+        buffers = dict(self.net.named_buffers())
+        return functional_call(self.net, (params, buffers), (x,), {"step": step})
+
+    def loss_fn(self, prediction: Tensor, target: Tensor) -> Tensor:
+        if self.regression:
+            return F.mse_loss(prediction, target)
+        return F.cross_entropy(prediction, target)
+
+    def accuracy(self, prediction: Tensor, target: Tensor) -> Tensor:
+        if self.regression:
+            return torch.zeros((), device=prediction.device)
+        return (prediction.argmax(-1) == target).float().mean()
+
+    def adapt_task(self, params: Params, support_x: Tensor, support_y: Tensor, steps: int,
+                   first_order: bool, training: bool, trace: bool = False) -> Adapted:
+        def support_loss(p: Params, step: int) -> Tensor:
+            return self.loss_fn(self.forward_fn(p, support_x, step), support_y)
+
+        return adapt(support_loss, params, steps, self.update_rule(training), first_order,
+                     self.adapt_names(), trace=trace)
+
+    def task_outputs(self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                     query_y: Tensor, steps: int, first_order: bool, training: bool) -> dict[str, Any]:
+        """Everything one task contributes; ``vmap``-ed over the meta-batch by ``run_tasks``."""
+        adapted = self.adapt_task(params, support_x, support_y, steps, first_order, training)
+        prediction = self.forward_fn(adapted.params, query_x, steps)
+        out: dict[str, Any] = {
+            "query_loss": self.loss_fn(prediction, query_y),
+            "query_acc": self.accuracy(prediction, query_y),
+            "updates": {n: (params[n] - adapted.params[n]).detach() for n in self.adapt_names()},
+        }
+        if not training:
+            before = self.forward_fn(params, query_x, 0)
+            out["before_loss"] = self.loss_fn(before, query_y).detach()
+            out["before_acc"] = self.accuracy(before, query_y)
+        return out
+
+    def run_tasks(self, batch: TaskBatch, steps: int, first_order: bool, training: bool) -> dict[str, Any]:
+        fn = partial(self.task_outputs, steps=steps, first_order=first_order, training=training)
+        batched = vmap(fn, in_dims=(None, 0, 0, 0, 0), randomness="different", chunk_size=self.task_chunk_size)
+        return batched(self.inner_params(), batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+
+    # ------------------------------------------------------------------ Lightning
+    def on_fit_start(self) -> None:
+        self._check_grad_mode()
+
+    def _check_grad_mode(self) -> None:
+        if self.trainer is not None and getattr(self.trainer, "_inference_mode", False):
+            raise ValueError("evaluation adapts with gradients: run the Trainer with inference_mode=False")
+
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        out = self.outer_update(batch)
+        metric = "mse" if self.regression else "loss"
+        self.log(f"train/{metric}", out["query_loss"].detach().mean(), prog_bar=True)
+        if not self.regression:
+            self.log("train/acc", out["query_acc"].mean(), prog_bar=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _eval_step(self, batch: TaskBatch, split: str) -> None:
+        with torch.enable_grad():
+            out = self.run_tasks(batch, self.eval_inner_steps, first_order=True, training=False)
+        values = {"loss_after": out["query_loss"].detach(), "loss_before": out["before_loss"]}
+        if not self.regression:
+            values.update(acc=out["query_acc"], acc_before=out["before_acc"])
+        for key, v in values.items():
+            v = v.double()
+            s = torch.stack([v.sum(), (v * v).sum(), torch.tensor(float(v.numel()), device=v.device, dtype=v.dtype)])
+            self._eval_sums[key] = self._eval_sums.get(key, 0) + s
+
+    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self._check_grad_mode()
+        self._eval_sums = {}
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _eval_epoch_end(self, split: str) -> None:
+        metrics: dict[str, float] = {}
+        for key, sums in self._eval_sums.items():
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(sums)
+            total, squares, n = sums.tolist()
+            mean = total / n
+            var = max(squares - n * mean * mean, 0.0) / max(n - 1, 1)
+            name = {"loss_after": "mse_after" if self.regression else "loss",
+                    "loss_before": "mse_before" if self.regression else "loss_before"}.get(key, key)
+            metrics[f"{split}/{name}"] = mean
+            if key in ("acc", "loss_after"):
+                metrics[f"{split}/{name}_ci95"] = 1.96 * math.sqrt(var / n)
+            metrics[f"{split}/tasks"] = n
+        self._eval_sums = {}
+        metrics[f"{split}/adapt_steps"] = float(self.eval_inner_steps)
+        # Already reduced over ranks above, so no sync_dist.
+        self.log_dict(metrics, rank_zero_only=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    @property
+    def monitor(self) -> tuple[str, str]:
+        return ("val/mse_after", "min") if self.regression else ("val/acc", "max")
+
+    def meta_parameters(self):
+        return self.parameters()
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        if hp.meta_optimizer == "adam":
+            optimizer = torch.optim.Adam(self.meta_parameters(), lr=hp.meta_lr)
+        else:
+            optimizer = torch.optim.SGD(self.meta_parameters(), lr=hp.meta_lr)
+        if hp.lr_schedule == "constant":
+            return optimizer
+        total = self._total_steps()
+        if hp.lr_schedule == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        else:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        trainer = self._trainer
+        if trainer is not None and trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        if trainer is not None and trainer.max_epochs and trainer.datamodule is not None:
+            return trainer.max_epochs * trainer.datamodule.steps_per_epoch
+        raise ValueError("lr_schedule needs trainer.max_steps (or max_epochs with an episodic datamodule)")
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        metric, mode = self.monitor
+        return [ModelCheckpoint(monitor=metric, mode=mode, save_last=True,
+                                filename="best-{step}", auto_insert_metric_name=False)]

@@ -1,0 +1,148 @@
+"""``train.py``: LightningCLI with lit_meta's defaults, links and end-of-fit meta-test.
+
+- ``python train.py`` alone is ``fit --config configs/sine/maml.yaml``.
+- ``data.task_spec`` is linked into ``model.task_spec`` (so the checkpoint knows its
+  data), and ``model.meta_batch_size`` into ``data.meta_batch_size``.
+- Every fit ends by meta-testing the best checkpoint (``--test_after_fit false`` to
+  skip), writes ``results.json`` beside the checkpoints and prints ``results: <path>``
+  last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI
+
+from lit_meta.algorithms.base import MetaLearner
+from lit_meta.data.base import EpisodicDataModule
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "configs" / "sine" / "maml.yaml"
+
+
+def check_checkpoint(path: str | os.PathLike | None) -> None:
+    """Fail with one line naming ``path`` if it is not a readable checkpoint."""
+    if path is None or path in ("best", "last", "hpc", "registry"):
+        return
+    if not Path(path).is_file():
+        raise ValueError(f"checkpoint file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"checkpoint file is corrupt or not a torch checkpoint: {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(f"checkpoint file is corrupt ({error}): {path}") from None
+    if bad is not None:
+        raise ValueError(f"checkpoint file is corrupt (damaged entry {bad}): {path}")
+
+
+class MetaCLI(LightningCLI):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("trainer_defaults", {})
+        defaults = {
+            # Evaluation adapts with gradients: inference_mode would forbid them.
+            "inference_mode": False,
+            "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
+            "max_steps": 1000,
+            "num_sanity_val_steps": 0,
+        }
+        kwargs["trainer_defaults"] = {**defaults, **kwargs["trainer_defaults"]}
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(MetaLearner, EpisodicDataModule, *args, subclass_mode_model=True,
+                         subclass_mode_data=True, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.task_spec", "model.init_args.task_spec", apply_on="instantiate")
+        parser.link_arguments("model.init_args.meta_batch_size", "data.init_args.meta_batch_size")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="meta-test the best checkpoint when fit ends and write results.json")
+
+    # ---------------------------------------------------------------- fit
+    def before_fit(self) -> None:
+        check_checkpoint(self._subcommand_arg("ckpt_path"))
+        self._fit_start = time.perf_counter()
+
+    def after_fit(self) -> None:
+        trainer, model, dm = self.trainer, self.model, self.datamodule
+        seconds = time.perf_counter() - self._fit_start
+        checkpoint = self._checkpoint_callback()
+        last = Path(checkpoint.dirpath) / "last.ckpt"
+        # A last checkpoint whatever the step count: fit may stop between validations.
+        if trainer.is_global_zero or True:
+            trainer.save_checkpoint(last)
+        best = checkpoint.best_model_path or str(last)
+        metrics: dict[str, float] = {}
+        if self._subcommand_arg("test_after_fit", default=True):
+            results = trainer.test(model, datamodule=dm, ckpt_path=best, verbose=True)
+            metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+        if not trainer.is_global_zero:
+            return
+        run_dir = Path(checkpoint.dirpath).parent
+        payload = {
+            "algorithm": getattr(model, "algorithm_name", model.algorithm),
+            "dataset": model.task_spec.get("dataset"),
+            "metrics": metrics,
+            "train/steps": trainer.global_step,
+            "train/seconds": round(seconds, 3),
+            "best_checkpoint": str(Path(best).resolve()),
+            "last_checkpoint": str(last.resolve()),
+        }
+        payload.update(getattr(model, "results_extra", lambda: {})())
+        path = run_dir / "results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.replace(path)
+        for logger in trainer.loggers:
+            logger.finalize("success")
+        _finish_wandb()
+        sys.stdout.flush()
+        print(f"results: {path.resolve()}", flush=True)
+
+    def before_validate(self) -> None:
+        check_checkpoint(self._subcommand_arg("ckpt_path"))
+
+    before_test = before_validate
+
+    # ---------------------------------------------------------------- helpers
+    def _subcommand_arg(self, name: str, default: Any = None) -> Any:
+        return self.config.get(self.subcommand, {}).get(name, default)
+
+    def _checkpoint_callback(self) -> ModelCheckpoint:
+        callback = self.trainer.checkpoint_callback
+        if callback is None:
+            raise ValueError("fit needs checkpointing: do not set trainer.enable_checkpointing=false")
+        return callback
+
+
+def _finish_wandb() -> None:
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(quiet=True)
+    except ImportError:
+        pass
+
+
+def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if not argv:
+        argv = ["fit", "--config", str(DEFAULT_CONFIG)]
+    torch.set_float32_matmul_precision("high")
+    try:
+        MetaCLI(args=argv)
+    except ValueError as error:
+        if os.environ.get("LIT_META_TRACEBACK"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,154 @@
+"""Episodic sampling shared by every DataModule.
+
+Seeding (documented in the README): the tasks of training step ``s`` come from a
+``torch.Generator`` seeded with ``derive_seed(seed, "train", s)``. A meta-batch is
+always drawn for the *global* ``meta_batch_size``; DDP rank ``r`` of ``W`` keeps tasks
+``[r*B/W, (r+1)*B/W)``. So
+
+- a resumed run draws exactly the tasks an uninterrupted run would (the sampler state
+  *is* the global step, restored by Lightning with the checkpoint), and
+- ``W`` ranks together adapt exactly the tasks one process would, which is what makes
+  the DDP meta-gradient equal the single-process one.
+
+Validation and test tasks are chunk ``c`` of ``derive_seed(seed, split, c)``: the same
+tasks in every run, whatever the world size (chunks are dealt round-robin to ranks).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterator
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from lit_meta.tasks import TaskBatch
+
+SPLITS = ("train", "val", "test")
+
+
+def derive_seed(seed: int, split: str, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{split}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def check_positive(name: str, value: int, minimum: int = 1) -> None:
+    if not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class EpisodicDataModule(pl.LightningDataModule):
+    """Base class: subclasses implement :meth:`sample_tasks` and :attr:`task_spec`.
+
+    ``meta_batch_size`` is the global number of tasks per meta-step (linked from the
+    model). ``steps_per_epoch`` only sets how often Lightning's epoch-based hooks fire;
+    the task stream itself is endless.
+    """
+
+    name: str = "episodic"
+
+    def __init__(
+        self,
+        meta_batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        val_tasks: int = 100,
+        test_tasks: int = 600,
+        steps_per_epoch: int = 500,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_positive("meta_batch_size", meta_batch_size)
+        check_positive("val_tasks", val_tasks)
+        check_positive("test_tasks", test_tasks)
+        check_positive("steps_per_epoch", steps_per_epoch)
+        if eval_batch_size is not None:
+            check_positive("eval_batch_size", eval_batch_size)
+        self.meta_batch_size = meta_batch_size
+        self.eval_batch_size = eval_batch_size or meta_batch_size
+        self.val_tasks = val_tasks
+        self.test_tasks = test_tasks
+        self.steps_per_epoch = steps_per_epoch
+        self.seed = seed
+
+    # -- to implement -------------------------------------------------------------
+    @property
+    def task_spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def sample_tasks(self, split: str, generator: torch.Generator, num_tasks: int) -> TaskBatch:
+        """Draw ``num_tasks`` tasks of ``split`` in batched tensor ops, using only ``generator``."""
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _start_step(self) -> int:
+        return self.trainer.global_step if self.trainer is not None else 0
+
+    def train_batch(self, step: int) -> TaskBatch:
+        rank, world = self._rank_world()
+        if self.meta_batch_size % world:
+            raise ValueError(
+                f"meta_batch_size={self.meta_batch_size} must be divisible by the world size {world}"
+            )
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "train", step))
+        batch = self.sample_tasks("train", generator, self.meta_batch_size)
+        share = self.meta_batch_size // world
+        return batch.slice(rank * share, (rank + 1) * share) if world > 1 else batch
+
+    def eval_chunks(self, split: str) -> list[int]:
+        """Sizes of the fixed evaluation chunks of ``split`` (their sum is the task count)."""
+        total = self.val_tasks if split == "val" else self.test_tasks
+        size = self.eval_batch_size
+        return [min(size, total - start) for start in range(0, total, size)]
+
+    def eval_batch(self, split: str, chunk: int) -> TaskBatch:
+        sizes = self.eval_chunks(split)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, split, chunk))
+        return self.sample_tasks(split, generator, sizes[chunk])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_TrainStream(self), batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_EvalTasks(self, "val"), batch_size=None, num_workers=0)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(_EvalTasks(self, "test"), batch_size=None, num_workers=0)
+
+
+class _TrainStream(IterableDataset):
+    """Yields the meta-batches of the current epoch, starting at the trainer's global step."""
+
+    def __init__(self, dm: EpisodicDataModule) -> None:
+        self.dm = dm
+
+    def __len__(self) -> int:
+        return self.dm.steps_per_epoch
+
+    def __iter__(self) -> Iterator[TaskBatch]:
+        start = self.dm._start_step()
+        # On a mid-epoch resume only the rest of the epoch is left.
+        stop = start + self.dm.steps_per_epoch - start % self.dm.steps_per_epoch
+        for step in range(start, stop):
+            yield self.dm.train_batch(step)
+
+
+class _EvalTasks(IterableDataset):
+    def __init__(self, dm: EpisodicDataModule, split: str) -> None:
+        self.dm, self.split = dm, split
+
+    def _my_chunks(self) -> list[int]:
+        rank, world = self.dm._rank_world()
+        return list(range(rank, len(self.dm.eval_chunks(self.split)), world))
+
+    def __len__(self) -> int:
+        return len(self._my_chunks())
+
+    def __iter__(self) -> Iterator[TaskBatch]:
+        for chunk in self._my_chunks():
+            yield self.dm.eval_batch(self.split, chunk)

@@ -1,0 +1,114 @@
+"""The shared meta-step: every algorithm's outer update goes through :class:`MetaStep`.
+
+1. It takes the per-task outer contributions (query losses, or per-task gradient-like
+   tensors such as Reptile's θ − θ'_i) and the per-task inner updates g_i = θ − θ'_i.
+2. It weights the tasks: ``uniform`` (the mean) or ``gradient_agreement``
+   (Eshratifar et al. 2018, "Gradient Agreement as an Optimization Objective for
+   Meta-Learning"): w_i = Σ_j g_i·g_j / Σ_k Σ_j |g_k·g_j|.
+3. It writes ``.grad`` = Σ_i w_i × (task i's outer gradient) and steps the meta-optimizer.
+
+Weights are detached, so for losses the weighted meta-gradient is one backward pass of
+Σ_i w_i L_i. Under DDP the weights are global: the updates of all ranks are gathered
+for the Gram matrix, each rank keeps the weights of its own tasks, and the local loss is
+scaled by the world size because DDP averages the ranks' gradients.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+WEIGHTINGS = ("uniform", "gradient_agreement")
+Params = dict[str, Tensor]
+
+
+def flatten_tasks(per_task: Params) -> Tensor:
+    """``{name: [T, ...]}`` -> ``[T, P]``."""
+    return torch.cat([t.reshape(t.shape[0], -1) for t in per_task.values()], dim=1)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gradient_agreement_weights(updates: Tensor, eps: float = 1e-12) -> Tensor:
+    """w_i = Σ_j g_i·g_j / Σ_k Σ_j |g_k·g_j| for rows g_i of ``updates`` ([T, P])."""
+    gram = updates @ updates.T
+    return gram.sum(1) / gram.abs().sum().clamp_min(eps)
+
+
+def task_weights(weighting: str, inner_updates: Tensor | None, num_local: int) -> Tensor:
+    """Detached weights of this rank's ``num_local`` tasks, normalised over the global meta-batch."""
+    world = dist.get_world_size() if _distributed() else 1
+    if weighting == "uniform":
+        device = inner_updates.device if inner_updates is not None else None
+        return torch.full((num_local,), 1.0 / (num_local * world), device=device)
+    if inner_updates is None:
+        raise ValueError("weighting 'gradient_agreement' needs the per-task inner updates")
+    updates = inner_updates.detach().float()
+    if world > 1:
+        gathered = [torch.empty_like(updates) for _ in range(world)]
+        dist.all_gather(gathered, updates.contiguous())
+        rank = dist.get_rank()
+        weights = gradient_agreement_weights(torch.cat(gathered))
+        return weights[rank * num_local : (rank + 1) * num_local]
+    return gradient_agreement_weights(updates)
+
+
+class MetaStep:
+    def __init__(self, weighting: str = "uniform", grad_clip: float | None = None) -> None:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if grad_clip is not None and grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0, got {grad_clip}")
+        self.weighting = weighting
+        self.grad_clip = grad_clip
+
+    def __call__(
+        self,
+        module: "pl.LightningModule",
+        inner_updates: Params | None,
+        query_losses: Tensor | None = None,
+        task_grads: Params | None = None,
+    ) -> Tensor:
+        """One outer update. Give ``query_losses`` ([T], differentiable) and/or
+        ``task_grads`` ({name: [T, ...]} for parameters of ``module``). Returns the weights."""
+        contribution = query_losses if query_losses is not None else next(iter(task_grads.values()))
+        num_local = contribution.shape[0]
+        flat = flatten_tasks(inner_updates) if inner_updates and self.weighting != "uniform" else None
+        weights = task_weights(self.weighting, flat, num_local).to(contribution.device)
+        world = dist.get_world_size() if _distributed() else 1
+
+        optimizer = module.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        if query_losses is not None:
+            # One backward, one DDP all-reduce. DDP averages over ranks, hence × world.
+            module.manual_backward(world * (weights.to(query_losses.dtype) * query_losses).sum())
+        if task_grads is not None:
+            named = dict(module.named_parameters())
+            for name, per_task in task_grads.items():
+                g = torch.einsum("t,t...->...", weights.to(per_task.dtype), per_task.detach())
+                if world > 1:
+                    dist.all_reduce(g)
+                p = named[name]
+                p.grad = g if p.grad is None else p.grad + g
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
+        optimizer.step()
+        self._log(module, weights)
+        return weights
+
+    def _log(self, module: "pl.LightningModule", weights: Tensor) -> None:
+        if module._trainer is None:
+            return
+        w = weights.detach().float()
+        module.log_dict(
+            {"meta/weight_min": w.min(), "meta/weight_max": w.max(), "meta/weight_spread": w.max() - w.min()},
+            on_step=True,
+            on_epoch=False,
+        )

@@ -1,0 +1,45 @@
+"""The conv4 backbone of Finn et al. 2017 (after Vinyals et al. 2016).
+
+- Omniglot: 4 blocks of 3x3 conv with 64 filters and stride 2, no pooling.
+- miniImageNet: 4 blocks of 3x3 conv with 32 filters, stride 1, then 2x2 max-pool.
+
+Each block is conv -> BatchNorm -> ReLU; a linear head gives ``ways`` logits.
+BatchNorm uses batch statistics (``track_running_stats=False``): transductive, as the
+MAML papers evaluated, and safe inside ``vmap`` (no buffer is written).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Conv4(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        out_features: int,
+        image_size: int,
+        filters: int = 64,
+        max_pool: bool = False,
+        blocks: int = 4,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(blocks):
+            stride = 1 if max_pool else 2
+            layers += [
+                nn.Conv2d(channels, filters, 3, stride=stride, padding=1),
+                nn.BatchNorm2d(filters, track_running_stats=False),
+                nn.ReLU(),
+            ]
+            if max_pool:
+                layers.append(nn.MaxPool2d(2))
+            channels = filters
+        self.body = nn.Sequential(*layers, nn.Flatten())
+        with torch.no_grad():
+            features = self.body(torch.zeros(2, in_channels, image_size, image_size)).shape[1]
+        self.head = nn.Linear(features, out_features)
+
+    def forward(self, x: Tensor, step: int = 0) -> Tensor:
+        return self.head(self.body(x))

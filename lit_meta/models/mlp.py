@@ -1,0 +1,20 @@
+"""The sine-regression network of Finn et al. 2017: 1-40-40-1 with ReLU."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, out_features: int, hidden: tuple[int, ...] = (40, 40)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, out_features)
+
+    def forward(self, x: Tensor, step: int = 0) -> Tensor:
+        # `step` is the inner-loop step; per-step layers (MAML++) read it, these do not.
+        return self.head(self.body(x))

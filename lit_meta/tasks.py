@@ -1,0 +1,67 @@
+"""The meta-batch contract every DataModule emits and every algorithm consumes.
+
+A meta-batch holds ``tasks`` independent few-shot problems stacked on a leading
+dimension, so the inner loop can ``vmap`` over it:
+
+- ``support_x``: ``[tasks, n_support, *input_shape]``
+- ``support_y``: ``[tasks, n_support]`` (class ids, int64) or ``[tasks, n_support, out]`` (regression)
+- ``query_x``:   ``[tasks, n_query, *input_shape]``
+- ``query_y``:   ``[tasks, n_query]`` or ``[tasks, n_query, out]``
+
+Class ids are episode-local (``0..ways-1``), as in Finn et al. 2017.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TaskBatch:
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    def __post_init__(self) -> None:
+        n = self.support_x.shape[0]
+        for f in fields(self):
+            t = getattr(self, f.name)
+            if t.shape[0] != n:
+                raise ValueError(f"TaskBatch.{f.name} has {t.shape[0]} tasks, support_x has {n}")
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TaskBatch":
+        return TaskBatch(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
+
+    def slice(self, start: int, stop: int) -> "TaskBatch":
+        """Tasks ``start:stop``; used to give each DDP rank its share of a global meta-batch."""
+        return TaskBatch(*(getattr(self, f.name)[start:stop] for f in fields(self)))
+
+    @staticmethod
+    def cat(batches: list["TaskBatch"]) -> "TaskBatch":
+        return TaskBatch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in fields(TaskBatch)))
+
+
+def task_spec(
+    dataset: str,
+    kind: str,
+    input_shape: list[int],
+    ways: int,
+    **pipeline: Any,
+) -> dict[str, Any]:
+    """What a model must know about its data, saved in every checkpoint's hparams.
+
+    ``kind`` is ``"regression"`` or ``"classification"``; ``ways`` is the output width
+    (1 for sine). ``pipeline`` holds what turns raw files into the tensors training saw
+    (image_size, channels, invert, mean, std), so a checkpoint can be adapted from files.
+    """
+    if kind not in ("regression", "classification"):
+        raise ValueError(f"task kind must be 'regression' or 'classification', got {kind!r}")
+    return {"dataset": dataset, "kind": kind, "input_shape": list(input_shape), "ways": int(ways), **pipeline}
