@@ -33,6 +33,11 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 class MetaLearner(pl.LightningModule):
     algorithm = "base"
 
+    @property
+    def algorithm_name(self) -> str:
+        """The name used in results.json and config file names."""
+        return self.algorithm
+
     def __init__(
         self,
         task_spec: dict[str, Any],
@@ -137,9 +142,13 @@ class MetaLearner(pl.LightningModule):
         return out
 
     def run_tasks(self, batch: TaskBatch, steps: int, first_order: bool, training: bool) -> dict[str, Any]:
+        params = self.inner_params()
+        if not training:
+            # Evaluation never back-propagates to θ: no graph to it.
+            params = {n: p.detach() for n, p in params.items()}
         fn = partial(self.task_outputs, steps=steps, first_order=first_order, training=training)
         batched = vmap(fn, in_dims=(None, 0, 0, 0, 0), randomness="different", chunk_size=self.task_chunk_size)
-        return batched(self.inner_params(), batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        return batched(params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
 
     # ------------------------------------------------------------------ Lightning
     def on_fit_start(self) -> None:
