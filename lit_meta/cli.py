@@ -66,9 +66,14 @@ class MetaCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="meta-test the best checkpoint when fit ends and write results.json")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hparams while parsing: check the file first.
+        if self.config.get("subcommand"):
+            check_checkpoint(self._subcommand_arg("ckpt_path"))
+        super()._parse_ckpt_path()
+
     # ---------------------------------------------------------------- fit
     def before_fit(self) -> None:
-        check_checkpoint(self._subcommand_arg("ckpt_path"))
         self._fit_start = time.perf_counter()
 
     def after_fit(self) -> None:
@@ -108,14 +113,10 @@ class MetaCLI(LightningCLI):
         sys.stdout.flush()
         print(f"results: {path.resolve()}", flush=True)
 
-    def before_validate(self) -> None:
-        check_checkpoint(self._subcommand_arg("ckpt_path"))
-
-    before_test = before_validate
-
     # ---------------------------------------------------------------- helpers
     def _subcommand_arg(self, name: str, default: Any = None) -> Any:
-        return self.config.get(self.subcommand, {}).get(name, default)
+        subcommand = self.config.get("subcommand")
+        return self.config.get(subcommand, {}).get(name, default)
 
     def _checkpoint_callback(self) -> ModelCheckpoint:
         callback = self.trainer.checkpoint_callback
@@ -129,9 +130,20 @@ def _finish_wandb() -> None:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish(quiet=True)
+            wandb.finish()
     except ImportError:
         pass
+
+
+def _root_value_error(error: BaseException) -> BaseException:
+    """jsonargparse wraps a constructor's ValueError in a multi-line one; report the original."""
+    root, seen = error, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ValueError):
+            root = error
+        error = error.__cause__ or error.__context__
+    return root
 
 
 def main(args: list[str] | None = None) -> None:
@@ -140,9 +152,11 @@ def main(args: list[str] | None = None) -> None:
         argv = ["fit", "--config", str(DEFAULT_CONFIG)]
     torch.set_float32_matmul_precision("high")
     try:
-        MetaCLI(args=argv)
+        # args=None lets LightningCLI read sys.argv itself (it warns when given both).
+        MetaCLI(args=None if args is None and sys.argv[1:] else argv)
     except ValueError as error:
         if os.environ.get("LIT_META_TRACEBACK"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        message = str(_root_value_error(error)).strip().splitlines()[0]
+        print(f"error: {message} (set LIT_META_TRACEBACK=1 for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None

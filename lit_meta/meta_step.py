@@ -50,7 +50,8 @@ def task_weights(weighting: str, inner_updates: Tensor | None, num_local: int) -
         return torch.full((num_local,), 1.0 / (num_local * world), device=device)
     if inner_updates is None:
         raise ValueError("weighting 'gradient_agreement' needs the per-task inner updates")
-    updates = inner_updates.detach().float()
+    # At least fp32: under 16-mixed the dot products of small updates underflow in half.
+    updates = inner_updates.detach().to(torch.promote_types(inner_updates.dtype, torch.float32))
     if world > 1:
         gathered = [torch.empty_like(updates) for _ in range(world)]
         dist.all_gather(gathered, updates.contiguous())
@@ -75,20 +76,27 @@ class MetaStep:
         inner_updates: Params | None,
         query_losses: Tensor | None = None,
         task_grads: Params | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> Tensor:
         """One outer update. Give ``query_losses`` ([T], differentiable) and/or
-        ``task_grads`` ({name: [T, ...]} for parameters of ``module``). Returns the weights."""
+        ``task_grads`` ({name: [T, ...]} for parameters of ``module``). Returns the weights.
+
+        ``optimizer`` defaults to the module's (Lightning) optimizer; outside a Trainer
+        pass one, and the backward is a plain ``Tensor.backward``."""
         contribution = query_losses if query_losses is not None else next(iter(task_grads.values()))
         num_local = contribution.shape[0]
         flat = flatten_tasks(inner_updates) if inner_updates and self.weighting != "uniform" else None
         weights = task_weights(self.weighting, flat, num_local).to(contribution.device)
         world = dist.get_world_size() if _distributed() else 1
 
-        optimizer = module.optimizers()
+        attached = module._trainer is not None
+        if optimizer is None:
+            optimizer = module.optimizers()
         optimizer.zero_grad(set_to_none=True)
         if query_losses is not None:
             # One backward, one DDP all-reduce. DDP averages over ranks, hence × world.
-            module.manual_backward(world * (weights.to(query_losses.dtype) * query_losses).sum())
+            loss = world * (weights.to(query_losses.dtype) * query_losses).sum()
+            module.manual_backward(loss) if attached else loss.backward()
         if task_grads is not None:
             named = dict(module.named_parameters())
             for name, per_task in task_grads.items():

@@ -86,6 +86,12 @@ class EpisodicDataModule(pl.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    def data_device(self) -> torch.device:
+        """Where in-memory datasets should live: the training GPU if there is one, else the CPU."""
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        return device if device.type == "cuda" else torch.device("cpu")
+
     def _start_step(self) -> int:
         return self.trainer.global_step if self.trainer is not None else 0
 
@@ -112,13 +118,24 @@ class EpisodicDataModule(pl.LightningDataModule):
         return self.sample_tasks(split, generator, sizes[chunk])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_TrainStream(self), batch_size=None, num_workers=0)
+        return _StepLoader(_TrainStream(self), batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_EvalTasks(self, "val"), batch_size=None, num_workers=0)
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(_EvalTasks(self, "test"), batch_size=None, num_workers=0)
+
+
+class _StepLoader(DataLoader):
+    """Resumable by construction (the stream restarts at the restored global step), so
+    there is no loader state to save; having the interface tells Lightning so."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 class _TrainStream(IterableDataset):

@@ -1,0 +1,329 @@
+"""Learning to learn by gradient descent by gradient descent (Andrychowicz et al. 2016).
+
+The optimizee's parameters move by θ_{t+1} = θ_t + g_t, where [g_t, h_{t+1}] = m(∇_t, h_t; φ)
+is a coordinate-wise two-layer LSTM (``lit_meta.models.lstm_optimizers.CoordinateLSTM``).
+φ is trained on L(φ) = Σ_t f(θ_t) (eq. 3, w_t = 1) over unrolls of T = ``unroll`` steps,
+cut into truncations of ``truncation`` steps for backpropagation (truncated BPTT).
+
+It reuses the engine as is: :class:`LSTMRule` is an ``UpdateRule``, one truncation is
+``adapt(f, θ_s, truncation, rule, state=h_s)`` vmapped over the functions of the batch,
+and ``first_order=True`` is the paper's ∂∇_t/∂φ = 0 (the gradient input is detached;
+the path through θ_t is not). The outer update is the shared ``MetaStep`` with one
+"task" per function and query loss = Σ_{t=s+1}^{s+K} f(θ_t).
+
+Lightning steps: one training step is one truncation (one meta-update); the LSTM state
+and θ are carried to the next step, and every ``unroll / truncation`` steps a fresh
+batch of functions starts (on a mid-unroll resume, the next batch starts afresh).
+Evaluation runs ``eval_steps`` steps of the learned optimizer and of SGD, RMSprop, Adam
+and NAG (learning rates tuned on training-family functions by a grid) through the same
+engine, on the fixed held-out functions of the DataModule.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+from torch.func import vmap
+
+from lit_meta.algorithms.base import MetaLearner
+from lit_meta.data.base import derive_seed
+from lit_meta.data.optimizees import OptimizeeBatch, build_family
+from lit_meta.inner import SGD, Adam, Params, UpdateRule, adapt
+from lit_meta.models.lstm_optimizers import CoordinateLSTM, LSTMState
+
+DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
+def flatten(params: Params) -> Tensor:
+    return torch.cat([p.reshape(-1) for p in params.values()])
+
+
+def unflatten(flat: Tensor, like: Params) -> Params:
+    sizes = [p.numel() for p in like.values()]
+    return {n: t.reshape(p.shape) for (n, p), t in zip(like.items(), flat.split(sizes))}
+
+
+@dataclass
+class LSTMRule:
+    """θ ← θ + m(∇; φ), all coordinates of all parameters in one batch of LSTM rows."""
+
+    net: CoordinateLSTM
+
+    def init_state(self, params: Params) -> LSTMState:
+        return self.net.init_state(flatten(params))
+
+    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor,
+                 state: LSTMState) -> tuple[Params, LSTMState]:
+        update, state = self.net(flatten(grads), state)
+        return unflatten(flatten(params) + update, params), state
+
+
+# ---------------------------------------------------------------------- the hand-designed baselines
+@dataclass
+class RMSprop:
+    """As ``torch.optim.RMSprop``: v ← αv + (1−α)g², θ ← θ − lr g / (√v + ε)."""
+
+    lr: float
+    alpha: float = 0.99
+    eps: float = 1e-8
+
+    def init_state(self, params: Params) -> Params:
+        return {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: Params):
+        v = {n: self.alpha * state[n] + (1 - self.alpha) * g * g for n, g in grads.items()}
+        return {n: p - self.lr * grads[n] / (v[n].sqrt() + self.eps) for n, p in params.items()}, v
+
+
+@dataclass
+class NAG:
+    """Nesterov momentum as ``torch.optim.SGD(nesterov=True)``: b ← μb + g, θ ← θ − lr (g + μb)."""
+
+    lr: float
+    momentum: float = 0.9
+
+    def init_state(self, params: Params) -> Params:
+        return {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: Params):
+        b = {n: self.momentum * state[n] + g for n, g in grads.items()}
+        return {n: p - self.lr * (grads[n] + self.momentum * b[n]) for n, p in params.items()}, b
+
+
+BASELINES: dict[str, Callable[[float], UpdateRule]] = {
+    "sgd": SGD,
+    "rmsprop": RMSprop,
+    "adam": lambda lr: Adam(lr, betas=(0.9, 0.999)),
+    "nag": NAG,
+}
+
+
+class NonFiniteLossError(ValueError):
+    """Too many meta-training steps in a row had a non-finite optimizee loss."""
+
+
+class LearningToLearn(MetaLearner):
+    algorithm = "l2l_lstm"
+
+    def __init__(
+        self,
+        task_spec: dict[str, Any],
+        hidden_size: int = 20,
+        num_layers: int = 2,
+        output_scale: float = 0.1,
+        preprocess_p: float = 10.0,
+        unroll: int = 100,
+        truncation: int = 20,
+        first_order: bool = True,
+        meta_batch_size: int = 128,
+        meta_optimizer: str = "adam",
+        meta_lr: float = 1e-3,
+        lr_schedule: str = "constant",
+        grad_clip: float | None = None,
+        max_nonfinite: int = 10,
+        eval_steps: int = 100,
+        baseline_lrs: list[float] = DEFAULT_LRS,
+        tune_functions: int = 128,
+    ) -> None:
+        if "optimizee" not in task_spec:
+            raise ValueError("LearningToLearn trains on optimizee functions: use lit_meta.data.OptimizeeDataModule "
+                             f"(task_spec of {task_spec.get('dataset')!r} has no 'optimizee')")
+        if truncation < 1 or unroll < truncation or unroll % truncation:
+            raise ValueError(f"unroll must be a positive multiple of truncation, got {unroll} and {truncation}")
+        if max_nonfinite < 1 or tune_functions < 1 or eval_steps < 1:
+            raise ValueError("max_nonfinite, tune_functions and eval_steps must be >= 1, got "
+                             f"{max_nonfinite}, {tune_functions}, {eval_steps}")
+        if not baseline_lrs or min(baseline_lrs) <= 0:
+            raise ValueError(f"baseline_lrs must be positive learning rates, got {baseline_lrs}")
+        # The base builds a network from task_spec; here the network *is* the optimizer
+        # (the optimizee lives in the data), so a 1-layer placeholder is built and replaced.
+        super().__init__(task_spec, backbone="mlp", backbone_kwargs={"hidden": []}, inner_steps=truncation,
+                         eval_inner_steps=eval_steps, first_order=first_order, meta_batch_size=meta_batch_size,
+                         meta_optimizer=meta_optimizer, meta_lr=meta_lr, lr_schedule=lr_schedule,
+                         grad_clip=grad_clip)
+        self.net = CoordinateLSTM(hidden_size, num_layers, output_scale, preprocess_p)
+        self.family = build_family(task_spec["optimizee"])
+        self.chunks = unroll // truncation
+        self.max_nonfinite = max_nonfinite
+        self.baseline_lrs = [float(lr) for lr in baseline_lrs]
+        self.tune_functions = tune_functions
+        self.tuned_lrs: dict[str, float] = {}
+        self.curves: dict[str, list[float]] = {}
+        self._unroll: dict[str, Any] | None = None
+        self._nonfinite_in_row = 0
+        self._nonfinite_total = 0
+        self._last_finite: Path | None = None
+        self._sums: dict[str, dict[str, Tensor]] = {}
+
+    def update_rule(self, training: bool) -> LSTMRule:
+        return LSTMRule(self.net)
+
+    # ------------------------------------------------------------------ running optimizers on functions
+    def run_functions(self, batch: OptimizeeBatch, theta: Tensor, state: Any, steps: int, rule: UpdateRule,
+                      first_order: bool = True, keep_state: bool = True) -> dict[str, Any]:
+        """``steps`` steps of ``rule`` from ``theta`` on every function of ``batch`` (vmapped).
+
+        Returns per function: ``losses`` [steps + 1] = f(θ_s .. θ_{s+steps}), ``theta`` and
+        (with ``keep_state``) the rule's ``state`` at the end; ``state=None`` starts afresh.
+        """
+        family = self.family
+
+        def one(theta: Tensor, state: Any, x: Tensor, y: Tensor) -> dict[str, Any]:
+            out = adapt(lambda p, step: family.loss(p["theta"], x, y), {"theta": theta}, steps, rule,
+                        first_order=first_order, state=state)
+            end = out.params["theta"]
+            result = {"losses": torch.stack([*out.support_losses, family.loss(end, x, y)]), "theta": end}
+            if keep_state:
+                result["state"] = out.state
+            return result
+
+        if state is None:  # fresh start: ``adapt`` initialises the rule's state per function
+            return vmap(partial(one, state=None), randomness="different")(theta, x=batch.support_x, y=batch.support_y)
+        return vmap(one, randomness="different")(theta, state, batch.support_x, batch.support_y)
+
+    def loss_curves(self, batch: OptimizeeBatch, rule: UpdateRule, steps: int | None = None) -> Tensor:
+        """f(θ_0..θ_steps) of every function of ``batch`` under ``rule``: ``[functions, steps + 1]``."""
+        with torch.no_grad():  # the engine's torch.func.grad still differentiates f
+            return self.run_functions(batch, batch.theta0, None, steps or self.eval_inner_steps, rule,
+                                      keep_state=False)["losses"]
+
+    # ------------------------------------------------------------------ meta-training
+    def training_step(self, batch: OptimizeeBatch, batch_idx: int) -> None:
+        run = self._unroll
+        if run is None or run["chunk"] == self.chunks:
+            run = self._unroll = {"batch": batch, "theta": batch.theta0, "state": None, "chunk": 0}
+        out = self.run_functions(run["batch"], run["theta"], run["state"], self.inner_steps,
+                                 LSTMRule(self.net), first_order=self.first_order)
+        # Σ_{t=s+1}^{s+K} f(θ_t): f(θ_s) is a constant of this truncation.
+        meta_loss = out["losses"][:, 1:].sum(1)
+        finite = bool(torch.isfinite(meta_loss).all())
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            self._skip_nonfinite(meta_loss)
+            return
+        self._nonfinite_in_row = 0
+        self.meta_step(self, {"theta": (run["theta"] - out["theta"]).detach()}, query_losses=meta_loss)
+        run.update(theta=out["theta"].detach(), state=tuple(s.detach() for s in out["state"]),
+                   chunk=run["chunk"] + 1)
+        self.log("train/loss", meta_loss.detach().mean() / self.inner_steps, prog_bar=True)
+        self.log("train/nonfinite_skipped", float(self._nonfinite_total))
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _skip_nonfinite(self, meta_loss: Tensor) -> None:
+        """Skip the meta-step, restart on fresh functions, and stop after ``max_nonfinite`` in a row."""
+        self._nonfinite_in_row += 1
+        self._nonfinite_total += 1
+        self._unroll = None
+        if self._nonfinite_in_row == 1:
+            # The weights have not moved since the last finite step: keep them.
+            self._last_finite = self._save_last_finite()
+        bad = int((~torch.isfinite(meta_loss)).sum())
+        rank_zero_warn(f"non-finite optimizee loss in {bad} of {meta_loss.numel()} functions at step "
+                       f"{self.global_step}: meta-step skipped ({self._nonfinite_in_row} in a row, "
+                       f"{self._nonfinite_total} in all); last finite weights in {self._last_finite}")
+        self.log("train/nonfinite_skipped", float(self._nonfinite_total))
+        if self._nonfinite_in_row >= self.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self._nonfinite_in_row} meta-training steps in a row had a non-finite optimizee loss "
+                f"(max_nonfinite={self.max_nonfinite}); stopped at step {self.global_step}. "
+                f"The last finite weights are in {self._last_finite}")
+
+    def _save_last_finite(self) -> Path:
+        callback = self.trainer.checkpoint_callback
+        folder = Path(callback.dirpath if callback is not None and callback.dirpath else self.trainer.default_root_dir)
+        path = folder / "last_finite.ckpt"
+        self.trainer.save_checkpoint(path)
+        return path
+
+    # ------------------------------------------------------------------ evaluation
+    def tune_baselines(self) -> dict[str, float]:
+        """For each baseline, the grid learning rate with the lowest mean f(θ_T) on fresh
+        training-family functions (a seed of their own, so not the held-out ones)."""
+        generator = torch.Generator().manual_seed(derive_seed(0, "tune", 0))
+        batch = self.family.sample(generator, self.tune_functions).to(self.device)
+        best: dict[str, float] = {}
+        for name, make in BASELINES.items():
+            scores = {}
+            for lr in self.baseline_lrs:
+                final = self.loss_curves(batch, make(lr))[:, -1]
+                scores[lr] = final.mean().item() if torch.isfinite(final).all() else math.inf
+            best[name] = min(scores, key=scores.get)
+            if best[name] in (min(self.baseline_lrs), max(self.baseline_lrs)) and len(self.baseline_lrs) > 1:
+                rank_zero_warn(f"tuned {name} learning rate {best[name]} is at the edge of baseline_lrs")
+        return best
+
+    def _accumulate(self, rules: dict[str, UpdateRule], batch: OptimizeeBatch) -> None:
+        for name, rule in rules.items():
+            curves = self.loss_curves(batch, rule).double()
+            final = curves[:, -1]
+            s = {"curve": curves.sum(0), "final": final.sum(), "final_sq": (final * final).sum(),
+                 "n": torch.tensor(float(final.numel()), dtype=torch.float64, device=final.device),
+                 "nonfinite": (~torch.isfinite(final)).sum().double()}
+            old = self._sums.get(name)
+            self._sums[name] = s if old is None else {k: old[k] + v for k, v in s.items()}
+
+    def validation_step(self, batch: OptimizeeBatch, batch_idx: int) -> None:
+        self._accumulate({"learned": LSTMRule(self.net)}, batch)
+
+    def test_step(self, batch: OptimizeeBatch, batch_idx: int) -> None:
+        rules = {"learned": LSTMRule(self.net), **{n: BASELINES[n](lr) for n, lr in self.tuned_lrs.items()}}
+        self._accumulate(rules, batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._check_grad_mode()
+        self._sums = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._check_grad_mode()
+        self._sums = {}
+        self.tuned_lrs = self.tune_baselines()
+
+    def _epoch_end(self, split: str) -> None:
+        import torch.distributed as dist
+
+        metrics: dict[str, float] = {}
+        finals: dict[str, float] = {}
+        for name, s in self._sums.items():
+            if dist.is_available() and dist.is_initialized():
+                for v in s.values():
+                    dist.all_reduce(v)
+            n = s["n"].item()
+            mean = s["final"].item() / n
+            var = max(s["final_sq"].item() - n * mean * mean, 0.0) / max(n - 1, 1)
+            finals[name] = mean
+            metrics[f"{split}/final_loss_{name}"] = mean
+            metrics[f"{split}/final_loss_{name}_ci95"] = 1.96 * math.sqrt(var / n) if math.isfinite(var) else math.nan
+            metrics[f"{split}/nonfinite_{name}"] = s["nonfinite"].item()
+            self.curves[name] = (s["curve"] / n).tolist()
+            metrics[f"{split}/functions"] = n
+        for name, lr in self.tuned_lrs.items() if split == "test" else ():
+            metrics[f"{split}/lr_{name}"] = lr
+        if "adam" in finals:
+            metrics[f"{split}/ratio_learned_to_adam"] = finals["learned"] / finals["adam"]
+            best = min(v for k, v in finals.items() if k != "learned")
+            metrics[f"{split}/ratio_learned_to_best_baseline"] = finals["learned"] / best
+        metrics[f"{split}/eval_steps"] = float(self.eval_inner_steps)
+        self._sums = {}
+        self.log_dict(metrics, rank_zero_only=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    @property
+    def monitor(self) -> tuple[str, str]:
+        return "val/final_loss_learned", "min"
+
+    def results_extra(self) -> dict[str, Any]:
+        """Added to results.json: the mean loss curves of the last test, and the tuned learning rates."""
+        return {"loss_curves": dict(self.curves), "tuned_lr": dict(self.tuned_lrs),
+                "eval_steps": self.eval_inner_steps}

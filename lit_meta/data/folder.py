@@ -1,0 +1,138 @@
+"""Few-shot episodes from the user's own images: ``root/<class>/*.{png,jpg,jpeg}``.
+
+The classes are split into train / val / test either
+
+- by seeded fraction (``split: fraction``): classes sorted by name, shuffled with
+  ``split_seed``, ``val_fraction`` and ``test_fraction`` of them (rounded) to val and
+  test, the rest to train; or
+- by sub-folders (``split: folders``): ``root/train/<class>/``, ``root/val/<class>/``,
+  ``root/test/<class>/``.
+
+``split: auto`` (the default) picks ``folders`` when ``root/train/`` exists. Images are
+read as ``channels`` (1: gray, 3: RGB), optionally inverted, resized to ``image_size``
+square (aspect ratio not kept), cached as uint8 under ``root``, and normalized with
+``mean`` / ``std`` per channel when sampled.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_meta.data.base import SPLITS
+from lit_meta.data.images import (
+    CACHE_VERSION,
+    IMAGE_EXTENSIONS,
+    ClassPool,
+    ImageEpisodicDataModule,
+    cache_file,
+    decode_image,
+    fingerprint,
+    load_cache,
+    preprocess_list,
+    save_atomic,
+)
+
+SPLIT_MODES = ("auto", "fraction", "folders")
+
+
+def list_classes(folder: Path) -> dict[str, list[Path]]:
+    """``folder/<class>/<image>`` -> ``{class: sorted image paths}``; a class folder without images is an error."""
+    classes: dict[str, list[Path]] = {}
+    for directory in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(f for f in directory.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"class folder has no images ({'/'.join(IMAGE_EXTENSIONS)}): {directory}")
+        classes[directory.name] = files
+    if not classes:
+        raise ValueError(f"no class folders in {folder}; expected {folder}/<class>/*.png or *.jpg")
+    return classes
+
+
+class ImageFolderDataModule(ImageEpisodicDataModule):
+    name = "folder"
+
+    def __init__(
+        self,
+        root: str = "data/folder",
+        split: str = "auto",
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        eval_ways: int | None = None,
+        eval_shots: int | None = None,
+        eval_queries: int | None = None,
+        image_size: int = 84,
+        channels: int = 3,
+        invert: bool = False,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        rotations: bool = False,
+        cache_dir: str | None = None,
+        meta_batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        val_tasks: int = 100,
+        test_tasks: int = 600,
+        steps_per_epoch: int = 500,
+        seed: int = 0,
+    ) -> None:
+        if split not in SPLIT_MODES:
+            raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
+        for option, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 <= value < 1:
+                raise ValueError(f"{option} must be in [0, 1), got {value}")
+        if val_fraction + test_fraction >= 1:
+            raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+        super().__init__(root, ways, shots, queries, eval_ways, eval_shots, eval_queries, image_size,
+                         channels=channels, invert=invert, mean=mean, std=std, rotations=rotations,
+                         cache_dir=cache_dir, meta_batch_size=meta_batch_size, eval_batch_size=eval_batch_size,
+                         val_tasks=val_tasks, test_tasks=test_tasks, steps_per_epoch=steps_per_epoch, seed=seed)
+        self.split, self.split_seed = split, split_seed
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+
+    def split_mode(self) -> str:
+        self.check_root()
+        if self.split != "auto":
+            return self.split
+        return "folders" if (self.root / "train").is_dir() else "fraction"
+
+    def list_splits(self) -> dict[str, dict[str, list[Path]]]:
+        """``split -> {class: files}``."""
+        if self.split_mode() == "folders":
+            missing = [f"{s}/" for s in SPLITS if not (self.root / s).is_dir()]
+            if missing:
+                raise ValueError(f"split=folders needs train/, val/ and test/ in {self.root}; missing {', '.join(missing)}")
+            return {s: list_classes(self.root / s) for s in SPLITS}
+        classes = list_classes(self.root)
+        names = sorted(classes)
+        order = torch.randperm(len(names), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+        n_val, n_test = round(len(names) * self.val_fraction), round(len(names) * self.test_fraction)
+        picks = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+        return {s: {names[i]: classes[names[i]] for i in sorted(picks[s])} for s in SPLITS}
+
+    def build_pools(self) -> dict[str, ClassPool]:
+        splits = self.list_splits()
+        stamps = [(s, c, f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                  for s in SPLITS for c, files in splits[s].items() for f in files]
+        key = fingerprint("folder", self.image_size, self.channels, self.invert, stamps)
+        path = cache_file(self.root, self.cache_dir, f".lit_meta_folder_{self.image_size}px_{self.channels}c")
+        data = load_cache(path, key)
+        if data is None:
+            data = {"version": CACHE_VERSION, "key": key}
+            for split in SPLITS:
+                classes = splits[split]
+                arrays = [decode_image(f, self.channels) for files in classes.values() for f in files]
+                data[split] = {"images": preprocess_list(arrays, self.image_size, self.invert)
+                               if arrays else torch.empty(0, self.channels, self.image_size, self.image_size,
+                                                          dtype=torch.uint8),
+                               "counts": torch.tensor([len(f) for f in classes.values()], dtype=torch.long),
+                               "names": list(classes)}
+            save_atomic(data, path)
+        return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
+
+    def spec_extra(self) -> dict[str, Any]:
+        return {"rotations": self.rotations}

@@ -1,0 +1,350 @@
+"""What the image DataModules share: the input pipeline, the tensor cache and the episode sampler.
+
+Input pipeline (recorded in ``task_spec``, so a checkpoint can turn raw files into the
+tensors it was trained on; :func:`images_from_files` is that path)::
+
+    file -> PIL "L" (channels=1) or "RGB" (channels=3) -> uint8 [C, H, W]
+         -> 255 - x if invert
+         -> resize to image_size x image_size: torch bilinear, antialias=True, on x/255
+            in float32, then rounded back to uint8 (skipped when already that size)
+    ---- cached once as uint8 ----
+         -> x/255 -> (x - mean[c]) / std[c]      (at sampling time, on the device)
+
+Sampling never touches files: a split is a :class:`ClassPool`, one uint8 tensor of all
+its images (on the training GPU when there is one), and a meta-batch is a handful of
+batched ops on it (:func:`sample_episodes`): random classes and items per task from the
+step's generator, then a single gather.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_meta.data.base import SPLITS, EpisodicDataModule, check_positive
+from lit_meta.tasks import TaskBatch, task_spec
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+RESIZE = "bilinear-antialias"
+CACHE_VERSION = 1
+_CHUNK = 2048  # images per resize batch: bounds the float32 copy while preprocessing
+
+
+# ---------------------------------------------------------------------------- decoding
+def decode_image(source: str | os.PathLike | bytes, channels: int, name: str | None = None) -> np.ndarray:
+    """One image file (path or bytes) as uint8 ``[C, H, W]``; a one-line ValueError naming it if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    name = name or str(source)
+    try:
+        handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+        with handle, Image.open(handle) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            array = np.asarray(image, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"cannot read image {name}: {reason}") from None
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def preprocess(images: Tensor | np.ndarray, image_size: int, invert: bool = False) -> Tensor:
+    """uint8 ``[N, C, H, W]`` -> uint8 ``[N, C, image_size, image_size]`` (invert, then resize)."""
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"preprocess expects uint8 [N, C, H, W], got {images.dtype} {list(images.shape)}")
+    out = []
+    for chunk in images.split(_CHUNK):
+        if invert:
+            chunk = 255 - chunk
+        if chunk.shape[-2:] != (image_size, image_size):
+            x = F.interpolate(chunk.float() / 255, size=(image_size, image_size), mode="bilinear",
+                              antialias=True, align_corners=False)
+            chunk = (x * 255).round_().clamp_(0, 255).to(torch.uint8)
+        out.append(chunk.contiguous())
+    if not out:
+        return torch.empty(0, images.shape[1], image_size, image_size, dtype=torch.uint8)
+    return torch.cat(out)
+
+
+def preprocess_list(arrays: Sequence[np.ndarray], image_size: int, invert: bool = False) -> Tensor:
+    """Like :func:`preprocess` for ``[C, H, W]`` arrays of possibly different sizes (runs of one size are batched)."""
+    out, run = [], []
+    for array in arrays:
+        if run and array.shape != run[0].shape:
+            out.append(preprocess(np.stack(run), image_size, invert))
+            run = []
+        run.append(array)
+    if run:
+        out.append(preprocess(np.stack(run), image_size, invert))
+    return torch.cat(out) if out else torch.empty(0, 1, image_size, image_size, dtype=torch.uint8)
+
+
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 ``[..., C, H, W]`` -> float32 ``(x/255 - mean) / std`` per channel."""
+    x = images.float().div_(255)
+    if any(m != 0 for m in mean) or any(s != 1 for s in std):
+        shape = (len(mean), 1, 1)
+        x = (x - torch.tensor(mean, device=x.device).view(shape)) / torch.tensor(std, device=x.device).view(shape)
+    return x
+
+
+def images_from_files(paths: Iterable[str | os.PathLike], spec: dict[str, Any]) -> Tensor:
+    """Raw image files -> float ``[N, C, S, S]``, exactly as the data behind ``spec`` (a task_spec) was made."""
+    channels, size = spec["channels"], spec["image_size"]
+    arrays = [decode_image(p, channels) for p in paths]
+    return normalize(preprocess_list(arrays, size, spec.get("invert", False)), spec["mean"], spec["std"])
+
+
+# ---------------------------------------------------------------------------- class pools
+@dataclass
+class ClassPool:
+    """The images of one split, grouped by class: class ``k`` is ``images[offsets[k] : offsets[k] + counts[k]]``.
+
+    With ``rotations`` every class also appears rotated by 90°, 180° and 270°, as three
+    more classes (Santoro et al. 2016; Finn et al. 2017): class ``k + r*K`` is class ``k``
+    rotated ``r`` quarter turns. The rotations are applied to the sampled images only.
+    """
+
+    images: Tensor  # uint8 [N, C, H, W], on the sampling device
+    counts: Tensor  # int64 [K], on the CPU (indices are drawn there, from the step's generator)
+    names: list[str]
+    rotations: bool = False
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts.cpu().long()
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+        if int(self.counts.sum()) != self.images.shape[0]:
+            raise ValueError(f"class counts sum to {int(self.counts.sum())}, there are {self.images.shape[0]} images")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.counts) * (4 if self.rotations else 1)
+
+    @property
+    def min_count(self) -> int:
+        return int(self.counts.min()) if len(self.counts) else 0
+
+    def to(self, device: torch.device | str) -> "ClassPool":
+        return ClassPool(self.images.to(device), self.counts, self.names, self.rotations)
+
+    def subset(self, classes: Sequence[int] | Tensor, rotations: bool = False) -> "ClassPool":
+        """The pool of the given classes, in that order (one gather)."""
+        classes = torch.as_tensor(classes, dtype=torch.long)
+        counts = self.counts[classes]
+        index = torch.cat([torch.arange(int(o), int(o) + int(c)) for o, c in zip(self.offsets[classes], counts)]) \
+            if len(classes) else torch.empty(0, dtype=torch.long)
+        return ClassPool(self.images[index.to(self.images.device)], counts,
+                         [self.names[i] for i in classes.tolist()], rotations)
+
+
+def sample_episodes(pool: ClassPool, generator: torch.Generator, num_tasks: int, ways: int, shots: int,
+                    queries: int, mean: Sequence[float], std: Sequence[float]) -> TaskBatch:
+    """``num_tasks`` ways-way episodes from ``pool``: ``shots`` support and ``queries`` query images per class.
+
+    Per task, ``ways`` distinct classes (in random order, which is the label permutation)
+    and ``shots + queries`` distinct images of each; all of it from ``generator`` on the
+    CPU, then one gather on the pool's device. Labels are episode-local ``0..ways-1``.
+    """
+    per_class = shots + queries
+    base_classes = len(pool.counts)
+    # A random ``ways``-subset per task: the top-k of i.i.d. uniform keys.
+    classes = torch.rand(num_tasks, pool.num_classes, generator=generator).topk(ways, dim=1).indices
+    base, turns = classes % base_classes, classes // base_classes
+    counts = pool.counts[base]
+    width = int(counts.max())
+    keys = torch.rand(num_tasks, ways, width, generator=generator)
+    keys.masked_fill_(torch.arange(width) >= counts[..., None], -1.0)  # past the class's end: never drawn
+    items = keys.topk(per_class, dim=-1).indices
+    index = pool.offsets[base][..., None] + items  # [T, W, shots + queries]
+    x = pool.images[index.to(pool.images.device)]  # the one gather: [T, W, n, C, H, W]
+    if pool.rotations and bool((turns > 0).any()):
+        x = x.clone()
+        for r in (1, 2, 3):
+            mask = turns == r
+            if bool(mask.any()):
+                mask = mask.to(x.device)
+                x[mask] = torch.rot90(x[mask], r, dims=(-2, -1))
+    x = normalize(x, mean, std)
+    image_shape = x.shape[3:]
+    support_x = x[:, :, :shots].reshape(num_tasks, ways * shots, *image_shape)
+    query_x = x[:, :, shots:].reshape(num_tasks, ways * queries, *image_shape)
+    labels = torch.arange(ways, device=x.device)
+    support_y = labels.repeat_interleave(shots).expand(num_tasks, -1).contiguous()
+    query_y = labels.repeat_interleave(queries).expand(num_tasks, -1).contiguous()
+    return TaskBatch(support_x, support_y, query_x, query_y)
+
+
+# ---------------------------------------------------------------------------- caching
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def file_stamp(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return (path.name, stat.st_size, stat.st_mtime_ns)
+
+
+def cache_file(root: Path, cache_dir: str | os.PathLike | None, stem: str) -> Path:
+    """Where the tensor cache of ``root`` lives: ``cache_dir`` if given, else ``root`` when it is
+    writable, else ``$LIT_META_CACHE`` or ``~/.cache/lit_meta`` (named after ``root``'s path)."""
+    if cache_dir is not None:
+        return Path(cache_dir) / f"{stem}.pt"
+    # A folder without write bits counts as read-only even for root, who could write anyway.
+    if os.access(root, os.W_OK) and root.stat().st_mode & 0o222:
+        return root / f"{stem}.pt"
+    base = Path(os.environ.get("LIT_META_CACHE", Path.home() / ".cache" / "lit_meta"))
+    return base / f"{stem}-{fingerprint(str(root.resolve()))}.pt"
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary name beside ``path``, then rename: never a half-written cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_cache(path: Path, key: str) -> dict[str, Any] | None:
+    """The cached dict at ``path`` if it was built from the same sources and options (``key``), else None."""
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # a damaged cache is rebuilt, not fatal
+        warnings.warn(f"ignoring unreadable cache {path}: {error}", stacklevel=2)
+        return None
+    if not isinstance(data, dict) or data.get("key") != key or data.get("version") != CACHE_VERSION:
+        return None
+    return data
+
+
+# ---------------------------------------------------------------------------- the DataModule base
+class ImageEpisodicDataModule(EpisodicDataModule):
+    """N-way K-shot classification episodes from in-memory class pools.
+
+    Train episodes use ``ways`` / ``shots`` / ``queries`` (queries per class); validation
+    and test use ``eval_ways`` / ``eval_shots`` / ``eval_queries``, each defaulting to its
+    training value. The network gets ``max(ways, eval_ways)`` outputs.
+
+    Subclasses implement :meth:`build_pools`: the three splits' pools, on the CPU, from
+    the cache (built if missing). ``setup`` checks the episode sizes against them and
+    moves them to the training device when it is a GPU.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        ways: int,
+        shots: int,
+        queries: int,
+        eval_ways: int | None,
+        eval_shots: int | None,
+        eval_queries: int | None,
+        image_size: int,
+        channels: int,
+        invert: bool,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        rotations: bool,
+        cache_dir: str | None,
+        meta_batch_size: int,
+        eval_batch_size: int | None,
+        val_tasks: int,
+        test_tasks: int,
+        steps_per_epoch: int,
+        seed: int,
+    ) -> None:
+        super().__init__(meta_batch_size, eval_batch_size, val_tasks, test_tasks, steps_per_epoch, seed)
+        for option, value in (("ways", ways), ("shots", shots), ("queries", queries), ("image_size", image_size)):
+            check_positive(option, value)
+        self.ways, self.shots, self.queries = ways, shots, queries
+        for option, value in (("eval_ways", eval_ways), ("eval_shots", eval_shots), ("eval_queries", eval_queries)):
+            if value is not None:
+                check_positive(option, value)
+        self.eval_ways = ways if eval_ways is None else eval_ways
+        self.eval_shots = shots if eval_shots is None else eval_shots
+        self.eval_queries = queries if eval_queries is None else eval_queries
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        mean = [0.0] * channels if mean is None else [float(m) for m in mean]
+        std = [1.0] * channels if std is None else [float(s) for s in std]
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"mean and std need {channels} values (one per channel), got {mean} and {std}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std values must be > 0, got {std}")
+        self.root = Path(root).expanduser()
+        self.image_size, self.channels, self.invert = image_size, channels, invert
+        self.mean, self.std = mean, std
+        self.rotations = rotations
+        self.cache_dir = cache_dir
+        self.pools: dict[str, ClassPool] = {}
+
+    # -- to implement -------------------------------------------------------------
+    def build_pools(self) -> dict[str, ClassPool]:
+        """``{"train", "val", "test"}`` -> CPU pools (without rotations), preprocessing and caching if needed."""
+        raise NotImplementedError
+
+    def spec_extra(self) -> dict[str, Any]:
+        return {}
+
+    # -- shared -------------------------------------------------------------------
+    @property
+    def task_spec(self) -> dict[str, Any]:
+        shape = [self.channels, self.image_size, self.image_size]
+        return task_spec(self.name, "classification", shape, max(self.ways, self.eval_ways),
+                         image_size=self.image_size, channels=self.channels, invert=self.invert,
+                         mean=list(self.mean), std=list(self.std), resize=RESIZE, **self.spec_extra())
+
+    def check_root(self) -> None:
+        if not self.root.exists():
+            raise ValueError(f"data root not found: {self.root} (set --data.root)")
+        if not self.root.is_dir():
+            raise ValueError(f"data root is not a folder: {self.root}")
+
+    def prepare_data(self) -> None:
+        # Rank 0 of each node builds the cache before the other ranks' setup reads it.
+        self.build_pools()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.pools:
+            return
+        pools = self.build_pools()
+        for split in SPLITS:
+            ways, shots, queries = self.episode(split)
+            prefix = "" if split == "train" else "eval_"
+            pool = pools[split]
+            classes = len(pool.counts) * (4 if split == "train" and self.rotations else 1)
+            if ways > classes:
+                raise ValueError(f"{prefix}ways={ways} is more than the {classes} classes of the {split} split "
+                                 f"of {self.root}")
+            if shots + queries > pool.min_count:
+                small = pool.names[int(pool.counts.argmin())]
+                raise ValueError(f"{prefix}shots + {prefix}queries = {shots} + {queries} is more than the "
+                                 f"{pool.min_count} images of class {small!r} ({split} split of {self.root})")
+        device = self.data_device()
+        self.pools = {s: ClassPool(p.images, p.counts, p.names, s == "train" and self.rotations).to(device)
+                      for s, p in pools.items()}
+
+    def episode(self, split: str) -> tuple[int, int, int]:
+        if split == "train":
+            return self.ways, self.shots, self.queries
+        return self.eval_ways, self.eval_shots, self.eval_queries
+
+    def sample_tasks(self, split: str, generator: torch.Generator, num_tasks: int) -> TaskBatch:
+        if not self.pools:
+            self.setup()
+        ways, shots, queries = self.episode(split)
+        return sample_episodes(self.pools[split], generator, num_tasks, ways, shots, queries, self.mean, self.std)

@@ -1,0 +1,164 @@
+"""miniImageNet (Vinyals et al. 2016, the split of Ravi & Larochelle 2017): 100 ImageNet
+classes of 600 RGB images, 64 train / 16 val / 20 test classes, 84x84.
+
+``root`` holds either
+
+- the pickle caches ``mini-imagenet-cache-{train,val,test}.pkl``, each a dict with
+  ``image_data`` (uint8 ``[N, 84, 84, 3]``) and ``class_dict`` (class -> list of row
+  indices); or
+- Ravi & Larochelle's ``train.csv`` / ``val.csv`` / ``test.csv`` (``filename,label``)
+  with the images in ``images/`` (resized to ``image_size`` when they differ).
+
+Classes are ordered by name, images as the pickle's index lists or the CSV rows give
+them. They are converted once to a cached uint8 tensor file under ``root``; sampling
+normalizes per channel (``mean`` / ``std``, defaulting to the statistics of the
+miniImageNet training images used by the ProtoNet/FEAT code).
+"""
+from __future__ import annotations
+
+import csv
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lit_meta.data.base import SPLITS
+from lit_meta.data.images import (
+    CACHE_VERSION,
+    ClassPool,
+    ImageEpisodicDataModule,
+    cache_file,
+    decode_image,
+    file_stamp,
+    fingerprint,
+    load_cache,
+    preprocess,
+    preprocess_list,
+    save_atomic,
+)
+
+MEAN = (120.39586422 / 255, 115.59361427 / 255, 104.54012653 / 255)
+STD = (70.68188272 / 255, 68.27635443 / 255, 72.54505529 / 255)
+LAYOUTS = "mini-imagenet-cache-{train,val,test}.pkl, or train.csv/val.csv/test.csv (filename,label) with images/"
+
+Split = tuple[torch.Tensor, torch.Tensor, list[str]]  # uint8 images, counts, class names
+
+
+def pickle_path(root: Path, split: str) -> Path:
+    return root / f"mini-imagenet-cache-{split}.pkl"
+
+
+def read_pickle(path: Path, image_size: int) -> Split:
+    try:
+        with open(path, "rb") as handle:
+            data = pickle.load(handle)
+    except Exception as error:
+        raise ValueError(f"cannot read pickle {path}: {error}") from None
+    if not isinstance(data, dict) or "image_data" not in data:
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path} has no 'image_data' (found {keys})")
+    if "class_dict" not in data:
+        raise ValueError(f"{path} has no 'class_dict' (found {sorted(data)})")
+    images = np.asarray(data["image_data"])
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{path}: 'image_data' must be uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+    names = sorted(data["class_dict"])
+    index = [np.asarray(data["class_dict"][n], dtype=np.int64) for n in names]
+    for name, rows in zip(names, index):
+        if len(rows) == 0:
+            raise ValueError(f"{path}: class {name!r} has no images")
+        if rows.min() < 0 or rows.max() >= len(images):
+            raise ValueError(f"{path}: class {name!r} indexes past the {len(images)} images of 'image_data'")
+    rows = np.concatenate(index)
+    out = [preprocess(np.ascontiguousarray(images[rows[i:i + 2048]].transpose(0, 3, 1, 2)), image_size)
+           for i in range(0, len(rows), 2048)]
+    return torch.cat(out), torch.tensor([len(r) for r in index]), [str(n) for n in names]
+
+
+def read_csv(path: Path, image_dir: Path, image_size: int) -> Split:
+    classes: dict[str, list[Path]] = {}
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:2]] != ["filename", "label"]:
+                raise ValueError(f"{path}: the first row must be 'filename,label', got {header}")
+            for line, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) < 2:
+                    raise ValueError(f"{path}:{line}: expected 'filename,label', got {row}")
+                file = image_dir / row[0].strip()
+                if not file.is_file():
+                    raise ValueError(f"{path}:{line}: image file not found: {file}")
+                classes.setdefault(row[1].strip(), []).append(file)
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    if not classes:
+        raise ValueError(f"{path} lists no images")
+    names = sorted(classes)
+    arrays = [decode_image(f, 3) for n in names for f in classes[n]]
+    return preprocess_list(arrays, image_size), torch.tensor([len(classes[n]) for n in names]), names
+
+
+class MiniImageNetDataModule(ImageEpisodicDataModule):
+    name = "miniimagenet"
+
+    def __init__(
+        self,
+        root: str = "data/miniimagenet",
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        eval_ways: int | None = None,
+        eval_shots: int | None = None,
+        eval_queries: int | None = None,
+        image_size: int = 84,
+        mean: list[float] | None = list(MEAN),
+        std: list[float] | None = list(STD),
+        rotations: bool = False,
+        cache_dir: str | None = None,
+        meta_batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        val_tasks: int = 100,
+        test_tasks: int = 600,
+        steps_per_epoch: int = 500,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(root, ways, shots, queries, eval_ways, eval_shots, eval_queries, image_size,
+                         channels=3, invert=False, mean=mean, std=std, rotations=rotations, cache_dir=cache_dir,
+                         meta_batch_size=meta_batch_size, eval_batch_size=eval_batch_size, val_tasks=val_tasks,
+                         test_tasks=test_tasks, steps_per_epoch=steps_per_epoch, seed=seed)
+
+    def find_layout(self) -> tuple[str, list[Path]]:
+        self.check_root()
+        pickles = [pickle_path(self.root, s) for s in SPLITS]
+        if all(p.is_file() for p in pickles):
+            return "pickle", pickles
+        csvs = [self.root / f"{s}.csv" for s in SPLITS]
+        if all(p.is_file() for p in csvs):
+            if not (self.root / "images").is_dir():
+                raise ValueError(f"found the CSV files but no images/ folder in {self.root}")
+            return "csv", csvs
+        raise ValueError(f"no miniImageNet data in {self.root}; expected {LAYOUTS}")
+
+    def build_pools(self) -> dict[str, ClassPool]:
+        layout, files = self.find_layout()
+        key = fingerprint("miniimagenet", self.image_size, layout, [file_stamp(p) for p in files])
+        path = cache_file(self.root, self.cache_dir, f"miniimagenet_{self.image_size}px")
+        data = load_cache(path, key)
+        if data is None:
+            data = {"version": CACHE_VERSION, "key": key}
+            for split, file in zip(SPLITS, files):
+                if layout == "pickle":
+                    images, counts, names = read_pickle(file, self.image_size)
+                else:
+                    images, counts, names = read_csv(file, self.root / "images", self.image_size)
+                data[split] = {"images": images, "counts": counts, "names": names}
+            save_atomic(data, path)
+        return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
+
+    def spec_extra(self) -> dict[str, Any]:
+        return {"rotations": self.rotations}

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny problems, and an in-process ``train.py`` runner writing to tmp_path."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def run_cli(tmp_path, monkeypatch):
+    """Run ``train.py`` in-process with the working directory at ``tmp_path``."""
+    from lit_meta.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    def run(*args: str) -> None:
+        main(list(args))
+
+    return run
+
+
+def sine_config(**overrides) -> list[str]:
+    """A few-second sine fit; overrides are ``key=value`` CLI flags."""
+    args = [
+        "--config", str(REPO / "configs" / "sine" / "maml.yaml"),
+        "--trainer.max_steps", "20",
+        "--data.steps_per_epoch", "10",
+        "--data.val_tasks", "20",
+        "--data.test_tasks", "20",
+        "--trainer.log_every_n_steps", "5",
+    ]
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    return args
