@@ -42,12 +42,13 @@ def gradient_agreement_weights(updates: Tensor, eps: float = 1e-12) -> Tensor:
     return gram.sum(1) / gram.abs().sum().clamp_min(eps)
 
 
-def task_weights(weighting: str, inner_updates: Tensor | None, num_local: int) -> Tensor:
+def task_weights(weighting: str, inner_updates: Tensor | None, num_local: int,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
     """Detached weights of this rank's ``num_local`` tasks, normalised over the global meta-batch."""
     world = dist.get_world_size() if _distributed() else 1
     if weighting == "uniform":
         device = inner_updates.device if inner_updates is not None else None
-        return torch.full((num_local,), 1.0 / (num_local * world), device=device)
+        return torch.full((num_local,), 1.0 / (num_local * world), device=device, dtype=dtype)
     if inner_updates is None:
         raise ValueError("weighting 'gradient_agreement' needs the per-task inner updates")
     # At least fp32: under 16-mixed the dot products of small updates underflow in half.
@@ -81,17 +82,18 @@ class MetaStep:
         """One outer update. Give ``query_losses`` ([T], differentiable) and/or
         ``task_grads`` ({name: [T, ...]} for parameters of ``module``). Returns the weights.
 
-        ``optimizer`` defaults to the module's (Lightning) optimizer; outside a Trainer
-        pass one, and the backward is a plain ``Tensor.backward``."""
+        ``optimizer`` defaults to the module's Lightning optimizer, or outside a Trainer to
+        ``module.standalone_optimizer()``; there the backward is a plain ``Tensor.backward``."""
         contribution = query_losses if query_losses is not None else next(iter(task_grads.values()))
         num_local = contribution.shape[0]
         flat = flatten_tasks(inner_updates) if inner_updates and self.weighting != "uniform" else None
-        weights = task_weights(self.weighting, flat, num_local).to(contribution.device)
+        dtype = torch.promote_types(contribution.dtype, torch.float32)
+        weights = task_weights(self.weighting, flat, num_local, dtype).to(contribution.device)
         world = dist.get_world_size() if _distributed() else 1
 
         attached = module._trainer is not None
         if optimizer is None:
-            optimizer = module.optimizers()
+            optimizer = module.optimizers() if attached else module.standalone_optimizer()
         optimizer.zero_grad(set_to_none=True)
         if query_losses is not None:
             # One backward, one DDP all-reduce. DDP averages over ranks, hence × world.

@@ -54,6 +54,7 @@ class MetaLearner(pl.LightningModule):
         weighting: str = "uniform",
         grad_clip: float | None = None,
         task_chunk_size: int | None = None,
+        transductive: bool = True,
     ) -> None:
         super().__init__()
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
@@ -79,6 +80,10 @@ class MetaLearner(pl.LightningModule):
         self.meta_batch_size = meta_batch_size
         self.meta_step = MetaStep(weighting, grad_clip)
         self.task_chunk_size = task_chunk_size
+        # Transductive: the query set is normalised with its own batch statistics (as the
+        # MAML papers evaluated). Otherwise each query example is predicted alone beside
+        # the support set (Nichol et al. 2018), or with per-step running statistics.
+        self.transductive = transductive
         self.regression = task_spec["kind"] == "regression"
         self._eval_sums: dict[str, Tensor] = {}
 
@@ -125,30 +130,65 @@ class MetaLearner(pl.LightningModule):
         return adapt(support_loss, params, steps, self.update_rule(training), first_order,
                      self.adapt_names(), trace=trace)
 
+    def predict(self, params: Params, support_x: Tensor, query_x: Tensor, step: int, training: bool) -> Tensor:
+        """Query predictions of (adapted) ``params``; non-transductive at evaluation if asked."""
+        if self.transductive or training:
+            return self.forward_fn(params, query_x, step)
+
+        def one(x: Tensor) -> Tensor:
+            # BatchNorm sees the support set plus this one query example.
+            return self.forward_fn(params, torch.cat([support_x, x[None]]), step)[-1]
+
+        return vmap(one)(query_x)
+
+    def trace_inner(self, training: bool) -> bool:
+        """Whether ``query_objective`` needs the parameters after every inner step."""
+        return False
+
+    def query_objective(self, adapted: Adapted, support_x: Tensor, query_x: Tensor, query_y: Tensor,
+                        final_loss: Tensor, training: bool) -> Tensor:
+        """The per-task loss the meta-step minimises. MAML: the query loss after adaptation."""
+        return final_loss
+
+    def extra_task_outputs(self, adapted: Adapted, support_x: Tensor, training: bool) -> dict[str, Any]:
+        return {}
+
+    def absorb_task_outputs(self, out: dict[str, Any]) -> None:
+        """Called once per training meta-batch, outside vmap (e.g. running statistics)."""
+
     def task_outputs(self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                      query_y: Tensor, steps: int, first_order: bool, training: bool) -> dict[str, Any]:
         """Everything one task contributes; ``vmap``-ed over the meta-batch by ``run_tasks``."""
-        adapted = self.adapt_task(params, support_x, support_y, steps, first_order, training)
-        prediction = self.forward_fn(adapted.params, query_x, steps)
+        adapted = self.adapt_task(params, support_x, support_y, steps, first_order, training,
+                                  trace=self.trace_inner(training))
+        prediction = self.predict(adapted.params, support_x, query_x, steps, training)
+        final_loss = self.loss_fn(prediction, query_y)
         out: dict[str, Any] = {
-            "query_loss": self.loss_fn(prediction, query_y),
+            "query_loss": self.query_objective(adapted, support_x, query_x, query_y, final_loss, training),
+            "final_query_loss": final_loss.detach(),
             "query_acc": self.accuracy(prediction, query_y),
             "updates": {n: (params[n] - adapted.params[n]).detach() for n in self.adapt_names()},
+            **self.extra_task_outputs(adapted, support_x, training),
         }
         if not training:
-            before = self.forward_fn(params, query_x, 0)
+            before = self.predict(params, support_x, query_x, 0, training)
             out["before_loss"] = self.loss_fn(before, query_y).detach()
             out["before_acc"] = self.accuracy(before, query_y)
         return out
 
-    def run_tasks(self, batch: TaskBatch, steps: int, first_order: bool, training: bool) -> dict[str, Any]:
+    def run_tasks(self, batch: TaskBatch, steps: int, first_order: bool, training: bool,
+                  differentiable: bool | None = None) -> dict[str, Any]:
+        """vmap ``task_outputs`` over the tasks. ``differentiable`` (default: ``training``)
+        keeps the graph to θ; algorithms whose outer step needs no backward turn it off."""
         params = self.inner_params()
-        if not training:
-            # Evaluation never back-propagates to θ: no graph to it.
+        if not (training if differentiable is None else differentiable):
             params = {n: p.detach() for n, p in params.items()}
         fn = partial(self.task_outputs, steps=steps, first_order=first_order, training=training)
         batched = vmap(fn, in_dims=(None, 0, 0, 0, 0), randomness="different", chunk_size=self.task_chunk_size)
-        return batched(params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        out = batched(params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        if training:
+            self.absorb_task_outputs(out)
+        return out
 
     # ------------------------------------------------------------------ Lightning
     def on_fit_start(self) -> None:
@@ -161,7 +201,7 @@ class MetaLearner(pl.LightningModule):
     def training_step(self, batch: TaskBatch, batch_idx: int) -> None:
         out = self.outer_update(batch)
         metric = "mse" if self.regression else "loss"
-        self.log(f"train/{metric}", out["query_loss"].detach().mean(), prog_bar=True)
+        self.log(f"train/{metric}", out["final_query_loss"].mean(), prog_bar=True)
         if not self.regression:
             self.log("train/acc", out["query_acc"].mean(), prog_bar=True)
         scheduler = self.lr_schedulers()
@@ -171,7 +211,7 @@ class MetaLearner(pl.LightningModule):
     def _eval_step(self, batch: TaskBatch, split: str) -> None:
         with torch.enable_grad():
             out = self.run_tasks(batch, self.eval_inner_steps, first_order=True, training=False)
-        values = {"loss_after": out["query_loss"].detach(), "loss_before": out["before_loss"]}
+        values = {"loss_after": out["final_query_loss"], "loss_before": out["before_loss"]}
         if not self.regression:
             values.update(acc=out["query_acc"], acc_before=out["before_acc"])
         for key, v in values.items():
@@ -216,6 +256,11 @@ class MetaLearner(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
+    def results_extra(self) -> dict[str, Any]:
+        """Protocol facts recorded in results.json beside the metrics."""
+        return {"bn": "transductive" if self.transductive else "non-transductive",
+                "test/adapt_steps": self.eval_inner_steps}
+
     @property
     def monitor(self) -> tuple[str, str]:
         return ("val/mse_after", "min") if self.regression else ("val/acc", "max")
@@ -237,6 +282,13 @@ class MetaLearner(pl.LightningModule):
         else:
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def standalone_optimizer(self) -> torch.optim.Optimizer:
+        """The meta-optimizer when no Trainer is attached (tests, benchmarks, notebooks)."""
+        if getattr(self, "_standalone_optimizer", None) is None:
+            configured = self.configure_optimizers()
+            self._standalone_optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+        return self._standalone_optimizer
 
     def _total_steps(self) -> int:
         trainer = self._trainer

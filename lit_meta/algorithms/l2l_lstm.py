@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -184,7 +183,8 @@ class LearningToLearn(MetaLearner):
             return result
 
         if state is None:  # fresh start: ``adapt`` initialises the rule's state per function
-            return vmap(partial(one, state=None), randomness="different")(theta, x=batch.support_x, y=batch.support_y)
+            fresh = lambda t, x, y: one(t, None, x, y)  # noqa: E731
+            return vmap(fresh, randomness="different")(theta, batch.support_x, batch.support_y)
         return vmap(one, randomness="different")(theta, state, batch.support_x, batch.support_y)
 
     def loss_curves(self, batch: OptimizeeBatch, rule: UpdateRule, steps: int | None = None) -> Tensor:

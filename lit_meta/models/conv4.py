@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lit_meta.models.layers import PerStepBatchNorm
+
 
 class Conv4(nn.Module):
     def __init__(
@@ -22,24 +24,31 @@ class Conv4(nn.Module):
         filters: int = 64,
         max_pool: bool = False,
         blocks: int = 4,
+        bn_steps: int = 0,
+        bn_per_step_weights: bool = False,
+        bn_per_step_stats: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
+        per_step = bn_per_step_weights or bn_per_step_stats
         for _ in range(blocks):
             stride = 1 if max_pool else 2
-            layers += [
-                nn.Conv2d(channels, filters, 3, stride=stride, padding=1),
-                nn.BatchNorm2d(filters, track_running_stats=False),
-                nn.ReLU(),
-            ]
+            norm = (PerStepBatchNorm(filters, bn_steps, bn_per_step_weights, bn_per_step_stats) if per_step
+                    else nn.BatchNorm2d(filters, track_running_stats=False))
+            layers += [nn.Conv2d(channels, filters, 3, stride=stride, padding=1), norm, nn.ReLU()]
             if max_pool:
                 layers.append(nn.MaxPool2d(2))
             channels = filters
-        self.body = nn.Sequential(*layers, nn.Flatten())
+        self.body = nn.ModuleList(layers)
         with torch.no_grad():
-            features = self.body(torch.zeros(2, in_channels, image_size, image_size)).shape[1]
+            features = self._features(torch.zeros(2, in_channels, image_size, image_size), 0).shape[1]
         self.head = nn.Linear(features, out_features)
 
+    def _features(self, x: Tensor, step: int) -> Tensor:
+        for layer in self.body:
+            x = layer(x, step) if isinstance(layer, PerStepBatchNorm) else layer(x)
+        return x.flatten(1)
+
     def forward(self, x: Tensor, step: int = 0) -> Tensor:
-        return self.head(self.body(x))
+        return self.head(self._features(x, step))

@@ -47,9 +47,11 @@ class LSTMCell(nn.Module):
         nn.init.uniform_(self.linear.bias, -bound, bound)
 
     def forward(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        i, f, g, o = self.linear(torch.cat([x, h], dim=-1)).chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        gates = self.linear(torch.cat([x, h], dim=-1))
+        n = self.hidden_size
+        i, f, o = torch.sigmoid(gates[..., : 3 * n]).chunk(3, dim=-1)  # one call: these are large, cheap ops
+        c = f * c + i * torch.tanh(gates[..., 3 * n :])
+        h = o * torch.tanh(c)
         return h, c
 
 
@@ -112,11 +114,15 @@ class MetaLSTMCell(nn.Module):
                 raise ValueError(f"{name} must be in (0, 1), got {value}")
         self.hidden_size, self.preprocess_p = hidden_size, preprocess_p
         self.lstm = LSTMCell(4, hidden_size)
-        self.forget = nn.Linear(hidden_size + 2, 1)
-        self.input = nn.Linear(hidden_size + 2, 1)
-        for gate, value in ((self.forget, init_forget), (self.input, init_lr)):
-            nn.init.uniform_(gate.weight, -0.01, 0.01)
-            nn.init.constant_(gate.bias, math.log(value / (1.0 - value)))
+        # Both gates read [h_t, θ_{t−1}, own previous value]: W_F and W_I stacked as one
+        # linear map of h_t plus per-gate weights of the two scalars (no [N, hidden + 2] copies).
+        self.from_h = nn.Linear(hidden_size, 2)
+        self.from_theta = nn.Parameter(torch.empty(2))
+        self.from_prev = nn.Parameter(torch.empty(2))
+        for w in (self.from_h.weight, self.from_theta, self.from_prev):
+            nn.init.uniform_(w, -0.01, 0.01)
+        with torch.no_grad():
+            self.from_h.bias.copy_(torch.tensor([init_forget, init_lr]).logit())
 
     def init_state(self, like: Tensor) -> MetaLSTMState:
         n = like.numel()
@@ -130,6 +136,6 @@ class MetaLSTMCell(nn.Module):
         g = preprocess(grad, self.preprocess_p)
         l = preprocess(loss, self.preprocess_p).expand(grad.shape[0], 2)
         h, c = self.lstm(torch.cat([g, l], dim=-1), h, c)
-        f = torch.sigmoid(self.forget(torch.cat([h, theta[:, None], f_prev[:, None]], dim=-1))).squeeze(-1)
-        i = torch.sigmoid(self.input(torch.cat([h, theta[:, None], i_prev[:, None]], dim=-1))).squeeze(-1)
+        prev = torch.stack([f_prev, i_prev], dim=-1)
+        f, i = torch.sigmoid(self.from_h(h) + theta[:, None] * self.from_theta + prev * self.from_prev).unbind(-1)
         return f, i, (h, c, f, i)

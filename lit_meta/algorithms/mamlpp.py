@@ -1,0 +1,137 @@
+"""MAML++ (Antoniou, Edwards & Storkey 2019, "How to train your MAML").
+
+Each fix of the paper is its own switch, so an ablation is one config line:
+
+- ``msl``: multi-step loss. The meta-objective is Σ_k v_k L_query(θ_k) over the inner
+  steps, with per-step importance v annealed (over ``msl_epochs``) from uniform to the
+  final step alone; v sums to 1 (the paper's ``get_per_step_loss_importance_vector``).
+- ``first_order_epochs``: derivative-order annealing, first order for the first N epochs.
+- ``lslr``: per-layer, per-step learned inner rates (one per parameter tensor and step).
+- ``bnwb`` / ``bnrs``: per-step BatchNorm weights and biases / running statistics.
+- cosine annealing of the meta learning rate (CA) is ``lr_schedule: cosine``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lit_meta.algorithms.base import MetaLearner
+from lit_meta.algorithms.metasgd import lr_key
+from lit_meta.inner import SGD, Adapted, UpdateRule
+from lit_meta.models.layers import PerStepBatchNorm
+
+
+def msl_importance(steps: int, epoch: int, msl_epochs: int) -> Tensor:
+    """Per-step loss importance at ``epoch`` (Antoniou et al.'s schedule); sums to 1."""
+    weights = torch.full((steps,), 1.0 / steps, dtype=torch.float64)
+    if steps == 1:
+        return weights.float()
+    decay = 1.0 / steps / msl_epochs
+    floor = 0.03 / steps
+    weights[:-1] = torch.clamp(weights[:-1] - epoch * decay, min=floor)
+    weights[-1] = min(1.0 / steps + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
+    return weights.float()
+
+
+class MAMLpp(MetaLearner):
+    algorithm = "mamlpp"
+
+    def __init__(self, msl: bool = True, msl_epochs: int = 10, first_order_epochs: int = 0,
+                 lslr: bool = True, bnwb: bool = True, bnrs: bool = True, **kwargs: Any) -> None:
+        if msl_epochs < 1:
+            raise ValueError(f"msl_epochs must be >= 1, got {msl_epochs}")
+        if first_order_epochs < 0:
+            raise ValueError(f"first_order_epochs must be >= 0, got {first_order_epochs}")
+        spec = kwargs.get("task_spec") or {}
+        if (bnwb or bnrs) and len(spec.get("input_shape", [])) == 3:
+            steps = max(kwargs.get("inner_steps", 1), kwargs.get("eval_inner_steps") or 0)
+            kwargs["backbone_kwargs"] = {**(kwargs.get("backbone_kwargs") or {}), "bn_steps": steps,
+                                         "bn_per_step_weights": bnwb, "bn_per_step_stats": bnrs}
+        super().__init__(**kwargs)
+        if (bnwb or bnrs) and not self.per_step_norms():
+            raise ValueError("bnwb/bnrs need a backbone with BatchNorm (conv4); set them false for this data")
+        self.msl, self.msl_epochs, self.first_order_epochs = msl, msl_epochs, first_order_epochs
+        self.lslr, self.bnrs = lslr, bnrs
+        steps = max(self.inner_steps, self.eval_inner_steps, 1)
+        self.inner_lrs = nn.ParameterDict({
+            lr_key(n): nn.Parameter(torch.full((steps,), self.inner_lr), requires_grad=lslr)
+            for n, _ in self.net.named_parameters()
+        })
+
+    def per_step_norms(self) -> dict[str, PerStepBatchNorm]:
+        return {n: m for n, m in self.net.named_modules() if isinstance(m, PerStepBatchNorm)}
+
+    # -- LSLR
+    def update_rule(self, training: bool) -> UpdateRule:
+        last = next(iter(self.inner_lrs.values())).shape[0] - 1
+        return SGD(lambda step, name: self.inner_lrs[lr_key(name)][min(step, last)])
+
+    # -- derivative-order annealing
+    def first_order_at(self, training: bool) -> bool:
+        if not training:
+            return True
+        return self.first_order or self.current_epoch < self.first_order_epochs
+
+    # -- MSL
+    def msl_weights(self) -> Tensor | None:
+        if not self.msl or self.current_epoch >= self.msl_epochs or self.inner_steps < 1:
+            return None
+        return msl_importance(self.inner_steps, self.current_epoch, self.msl_epochs)
+
+    def trace_inner(self, training: bool) -> bool:
+        return training and (self.msl_weights() is not None or self.bnrs)
+
+    def query_objective(self, adapted: Adapted, support_x: Tensor, query_x: Tensor, query_y: Tensor,
+                        final_loss: Tensor, training: bool) -> Tensor:
+        weights = self.msl_weights() if training else None
+        if weights is None:
+            return final_loss
+        losses = [self.loss_fn(self.forward_fn(p, query_x, k), query_y)
+                  for k, p in enumerate(adapted.trajectory[1:], start=1)]
+        return (weights.to(final_loss) * torch.stack(losses)).sum()
+
+    # -- BNRS: each step's batch statistics leave vmap as outputs, then fill the buffers
+    def extra_task_outputs(self, adapted: Adapted, support_x: Tensor, training: bool) -> dict[str, Any]:
+        if not (training and self.bnrs):
+            return {}
+        stats: dict[str, list[Tensor]] = {}
+        norms = self.per_step_norms()
+        for step, params in enumerate(adapted.trajectory):
+            for norm in norms.values():
+                norm.record_stats = True
+            self.forward_fn({n: p.detach() for n, p in params.items()}, support_x, step)
+            for name, norm in norms.items():
+                _, mean, var = norm.last_stats
+                stats.setdefault(name, []).append(torch.stack([mean, var]))
+                norm.record_stats, norm.last_stats = False, None
+        return {"bn_stats": {n: torch.stack(v) for n, v in stats.items()}}
+
+    def absorb_task_outputs(self, out: dict[str, Any]) -> None:
+        for name, per_task in out.get("bn_stats", {}).items():
+            norm = self.per_step_norms()[name]
+            mean_over_tasks = per_task.mean(0)  # [steps + 1, 2, C]
+            for step in range(mean_over_tasks.shape[0]):
+                norm.update_running_stats(norm._slot(step), mean_over_tasks[step, 0], mean_over_tasks[step, 1])
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._use_running_stats(not self.transductive)
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._use_running_stats(not self.transductive)
+
+    def on_train_epoch_start(self) -> None:
+        self._use_running_stats(False)
+
+    def _use_running_stats(self, flag: bool) -> None:
+        for norm in self.per_step_norms().values():
+            norm.use_running_stats = flag and norm.per_step_stats
+
+    def predict(self, params, support_x, query_x, step, training):
+        # With BNRS, non-transductive evaluation normalises with the per-step running statistics.
+        if self.bnrs and self.per_step_norms():
+            return self.forward_fn(params, query_x, step)
+        return super().predict(params, support_x, query_x, step, training)

@@ -1,0 +1,87 @@
+"""Meta-Learner LSTM (Ravi & Larochelle 2017, "Optimization as a Model for Few-Shot Learning").
+
+The learner's parameters are the cell state of an LSTM:
+
+    c_t = f_t ⊙ c_{t−1} + i_t ⊙ (−∇_{θ_{t−1}} L_t),   θ_t = c_t,
+
+with f_t (a learned weight decay) and i_t (a learned learning rate) computed per
+coordinate from [∇_t, L_t, θ_{t−1}, previous gate] (``MetaLSTMCell``, coordinate-wise
+sharing, inputs preprocessed as in Andrychowicz et al.). c_0 is the learner's
+initialisation, meta-learned with the LSTM: here it is simply ``self.net``'s parameters,
+which ``MetaLearner`` already hands to the engine as θ_0. So the algorithm is one
+``UpdateRule`` (:class:`MetaLSTMRule`) plugged into the shared inner loop and meta-step.
+
+As in the paper, the LSTM's inputs (gradient and loss) are treated as constants of the
+meta-parameters (their Figure 2's dashed lines): the rule detaches them, and with
+``first_order=True`` (default) so is the ∇ in the cell update. The outer gradient still
+flows through c_t to c_0 and through the gates to the LSTM. Updates take the whole
+support set per step (``inner_steps`` = epochs × batches of the paper). Gradient
+clipping 0.25 is the ``MetaStep``'s ``grad_clip``.
+
+BatchNorm: the learner normalises with the statistics of the batch it sees and keeps no
+running averages, so nothing leaks from one episode to the next; the paper's concern
+(running statistics shared across meta-test datasets) is met by construction. Unlike
+the paper, query predictions use the query batch's own statistics (transductive, as
+in the MAML line of work).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from lit_meta.algorithms.base import MetaLearner
+from lit_meta.algorithms.l2l_lstm import flatten, unflatten
+from lit_meta.inner import Params
+from lit_meta.models.lstm_optimizers import MetaLSTMCell, MetaLSTMState
+
+
+@dataclass
+class MetaLSTMRule:
+    """c_t = f_t ⊙ c_{t−1} − i_t ⊙ ∇_t over all learner coordinates at once."""
+
+    cell: MetaLSTMCell
+
+    def init_state(self, params: Params) -> MetaLSTMState:
+        return self.cell.init_state(flatten(params))
+
+    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor,
+                 state: MetaLSTMState) -> tuple[Params, MetaLSTMState]:
+        theta, grad = flatten(params), flatten(grads)
+        f, i, state = self.cell(grad.detach(), loss.detach(), theta, state)
+        return unflatten(f * theta - i * grad, params), state
+
+
+class MetaLSTM(MetaLearner):
+    algorithm = "meta_lstm"
+
+    def __init__(
+        self,
+        task_spec: dict[str, Any],
+        backbone: str = "auto",
+        backbone_kwargs: dict[str, Any] | None = None,
+        hidden_size: int = 20,
+        preprocess_p: float = 10.0,
+        init_lr: float = 0.01,
+        init_forget: float = 0.995,
+        inner_steps: int = 12,
+        eval_inner_steps: int | None = None,
+        first_order: bool = True,
+        meta_batch_size: int = 1,
+        meta_optimizer: str = "adam",
+        meta_lr: float = 1e-3,
+        lr_schedule: str = "constant",
+        weighting: str = "uniform",
+        grad_clip: float | None = 0.25,
+        task_chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(task_spec, backbone, backbone_kwargs, inner_lr=init_lr, inner_steps=inner_steps,
+                         eval_inner_steps=eval_inner_steps, first_order=first_order,
+                         meta_batch_size=meta_batch_size, meta_optimizer=meta_optimizer, meta_lr=meta_lr,
+                         lr_schedule=lr_schedule, weighting=weighting, grad_clip=grad_clip,
+                         task_chunk_size=task_chunk_size)
+        self.meta_learner = MetaLSTMCell(hidden_size, preprocess_p, init_lr, init_forget)
+
+    def update_rule(self, training: bool) -> MetaLSTMRule:
+        return MetaLSTMRule(self.meta_learner)

@@ -1,0 +1,57 @@
+"""Per-step BatchNorm for MAML++ (Antoniou, Edwards & Storkey 2019, "How to train your
+MAML", §4: BNRS and BNWB).
+
+- BNWB: one weight and bias per inner step (``per_step_weights``).
+- BNRS: one set of running statistics per inner step (``per_step_stats``).
+
+Normalisation always uses the batch statistics during training (inside ``vmap`` nothing
+can be written to a buffer). With ``record_stats`` set, a forward leaves its batch statistics in ``last_stats``;
+the algorithm returns them out of ``vmap`` and folds the meta-batch's mean into the
+per-step buffers (``update_running_stats``). With ``use_running_stats`` set (for
+non-transductive evaluation) step ``k`` normalises with its own running statistics.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class PerStepBatchNorm(nn.Module):
+    def __init__(self, num_features: int, steps: int, per_step_weights: bool = True,
+                 per_step_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.slots = steps + 1  # steps 0..steps: the query forward after the last step is step `steps`
+        self.per_step_weights = per_step_weights
+        self.per_step_stats = per_step_stats
+        self.momentum, self.eps = momentum, eps
+        shape = (self.slots, num_features) if per_step_weights else (num_features,)
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
+        if per_step_stats:
+            self.register_buffer("running_mean", torch.zeros(self.slots, num_features))
+            self.register_buffer("running_var", torch.ones(self.slots, num_features))
+        self.use_running_stats = False
+        self.record_stats = False
+        self.last_stats: tuple[int, Tensor, Tensor] | None = None
+
+    def _slot(self, step: int) -> int:
+        return min(step, self.slots - 1)
+
+    def forward(self, x: Tensor, step: int = 0) -> Tensor:
+        slot = self._slot(step)
+        weight = self.weight[slot] if self.per_step_weights else self.weight
+        bias = self.bias[slot] if self.per_step_weights else self.bias
+        dims = [0] + list(range(2, x.dim()))
+        if self.use_running_stats and self.per_step_stats:
+            mean, var = self.running_mean[slot], self.running_var[slot]
+        else:
+            mean, var = x.mean(dims), x.var(dims, unbiased=False)
+            if self.record_stats:
+                self.last_stats = (slot, mean.detach(), var.detach())
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - mean.view(view)) * torch.rsqrt(var.view(view) + self.eps) * weight.view(view) + bias.view(view)
+
+    @torch.no_grad()
+    def update_running_stats(self, slot: int, mean: Tensor, var: Tensor) -> None:
+        self.running_mean[slot].lerp_(mean.to(self.running_mean.dtype), self.momentum)
+        self.running_var[slot].lerp_(var.to(self.running_var.dtype), self.momentum)

@@ -1,0 +1,178 @@
+"""Each algorithm's rule against a hand computation, through the one engine and meta-step."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from lit_meta.algorithms import ANIL, MAML, MAMLpp, MetaSGD, Reptile, Transfer
+from lit_meta.algorithms.mamlpp import msl_importance
+from lit_meta.meta_step import gradient_agreement_weights
+from lit_meta.tasks import TaskBatch, task_spec
+from tests.test_inner import toy_batch
+
+TOY = task_spec("toy", "regression", [2], ways=1)
+IMAGES = task_spec("toy-images", "classification", [1, 12, 12], ways=3)
+
+
+def image_batch(tasks: int = 2, shots: int = 2) -> TaskBatch:
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(3).repeat_interleave(shots).repeat(tasks, 1)
+    return TaskBatch(torch.randn(tasks, 3 * shots, 1, 12, 12, generator=g), y,
+                     torch.randn(tasks, 3 * shots, 1, 12, 12, generator=g), y.clone())
+
+
+def small(cls, spec=TOY, **kw):
+    kw.setdefault("backbone_kwargs", {"hidden": (4,)} if spec is TOY else {"filters": 4})
+    return cls(task_spec=spec, **kw).double() if spec is TOY else cls(task_spec=spec, **kw)
+
+
+def _sgd_adapt(net, params, x, y, lr, steps):
+    for _ in range(steps):
+        loss = F.mse_loss(functional_call(net, params, (x,)), y)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        params = {n: (p - lr * g).detach().requires_grad_() for (n, p), g in zip(params.items(), grads)}
+    return params
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "gradient_agreement"])
+def test_reptile_outer_update_equals_hand_computation(weighting):
+    model = small(Reptile, inner_optimizer="sgd", inner_lr=0.1, inner_steps=3, meta_lr=0.5, weighting=weighting)
+    batch = toy_batch(tasks=3)
+    theta = {n: p.detach().clone().requires_grad_() for n, p in model.net.named_parameters()}
+    adapted = [_sgd_adapt(model.net, dict(theta), batch.support_x[i], batch.support_y[i], 0.1, 3) for i in range(3)]
+    diffs = torch.stack([torch.cat([(a[n] - theta[n]).detach().flatten() for n in theta]) for a in adapted])
+    # g_i = θ − θ'_i
+    w = torch.full((3,), 1 / 3, dtype=torch.float64) if weighting == "uniform" else gradient_agreement_weights(-diffs)
+    expected = torch.cat([p.detach().flatten() for p in theta.values()]) + 0.5 * (w[:, None] * diffs).sum(0)
+    model.outer_update(batch)  # the meta-optimizer is SGD at meta_lr = ε = 0.5
+    got = torch.cat([p.detach().flatten() for p in model.net.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_reptile_rejects_second_order():
+    with pytest.raises(ValueError, match="first order by construction"):
+        Reptile(task_spec=TOY, first_order=False)
+
+
+def test_metasgd_learns_its_inner_rates_and_with_them_frozen_is_maml():
+    batch = toy_batch(tasks=3)
+    meta = small(MetaSGD, inner_lr=0.1, inner_steps=2)
+    out = meta.run_tasks(batch, 2, first_order=False, training=True)
+    optimizer = torch.optim.SGD(meta.parameters(), lr=0.1)
+    before = {n: a.detach().clone() for n, a in meta.inner_lrs.items()}
+    meta.meta_step(meta, out["updates"], query_losses=out["query_loss"], optimizer=optimizer)
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in meta.inner_lrs.values())
+    assert any((meta.inner_lrs[n] - before[n]).abs().max() > 0 for n in before)
+
+    frozen = small(MetaSGD, inner_lr=0.1, inner_steps=2, learn_inner_lr=False)
+    maml = small(MAML, inner_lr=0.1, inner_steps=2)
+    maml.net.load_state_dict(frozen.net.state_dict())
+    a = frozen.run_tasks(batch, 2, first_order=False, training=True)["query_loss"].mean()
+    b = maml.run_tasks(batch, 2, first_order=False, training=True)["query_loss"].mean()
+    ga = torch.autograd.grad(a, list(frozen.net.parameters()))
+    gb = torch.autograd.grad(b, list(maml.net.parameters()))
+    torch.testing.assert_close(a, b)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)
+    assert all(not p.requires_grad for p in frozen.inner_lrs.values())
+
+
+def test_anil_inner_loop_leaves_the_body_unchanged():
+    model = small(ANIL, spec=IMAGES, inner_lr=0.5, inner_steps=3)
+    out = model.run_tasks(image_batch(), 3, first_order=False, training=True)
+    assert set(out["updates"]) == {"head.weight", "head.bias"}
+    params = {n: p.detach() for n, p in model.net.named_parameters()}
+    adapted = model.adapt_task(params, image_batch().support_x[0], image_batch().support_y[0], 3, True, True)
+    for name, p in params.items():
+        changed = not torch.equal(adapted.params[name], p)
+        assert changed == name.startswith("head."), name
+    # the body still learns in the outer loop (second order through the head's steps)
+    grads = torch.autograd.grad(out["query_loss"].mean(), list(model.net.parameters()))
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_msl_importance_sums_to_one_and_anneals_to_the_final_step():
+    first, mid, late = (msl_importance(5, e, 10) for e in (0, 5, 10))
+    for w in (first, mid, late):
+        torch.testing.assert_close(w.sum(), torch.tensor(1.0))
+    torch.testing.assert_close(first, torch.full((5,), 0.2))
+    assert mid[-1] > first[-1] and (mid[:-1] < first[:-1]).all()
+    assert late[-1] == pytest.approx(1 - 4 * 0.03 / 5) and late[:-1].eq(late[0]).all()
+
+
+def test_mamlpp_lslr_has_a_rate_per_layer_and_step():
+    model = small(MAMLpp, spec=IMAGES, inner_steps=4, bnwb=False, bnrs=False)
+    tensors = len(list(model.net.parameters()))
+    assert sum(p.numel() for p in model.inner_lrs.values()) == 4 * tensors
+    out = model.run_tasks(image_batch(), 4, first_order=False, training=True)
+    model.meta_step(model, out["updates"], query_losses=out["query_loss"],
+                    optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
+    rates = torch.stack(list(model.inner_lrs.values()))
+    assert rates.std(1).max() > 0  # steps learn different rates
+
+
+def test_mamlpp_bnrs_keeps_one_set_of_statistics_per_step_and_bnwb_per_step_weights():
+    model = small(MAMLpp, spec=IMAGES, inner_steps=3, bnwb=True, bnrs=True)
+    norms = model.per_step_norms()
+    assert len(norms) == 4
+    norm = next(iter(norms.values()))
+    assert norm.running_mean.shape == (4, 4) and norm.weight.shape == (4, 4)
+    model.run_tasks(image_batch(), 3, first_order=False, training=True)
+    # Every step slot moved away from its initial statistics, each to different values.
+    assert (norm.running_mean.abs().sum(1) > 0).all()
+    assert not torch.allclose(norm.running_var[0], norm.running_var[3])
+
+
+def test_mamlpp_derivative_order_annealing_switches_from_first_to_second_order():
+    model = small(MAMLpp, inner_steps=2, first_order_epochs=1, msl=False, lslr=False, bnwb=False, bnrs=False)
+    maml = small(MAML, inner_steps=2, inner_lr=model.inner_lr)
+    maml.net.load_state_dict(model.net.state_dict())
+    batch = toy_batch()
+
+    def grads(m, first_order):
+        loss = m.run_tasks(batch, 2, first_order=first_order, training=True)["query_loss"].mean()
+        return torch.autograd.grad(loss, list(m.net.parameters()))
+
+    class Epoch:  # the only thing first_order_at reads from a trainer
+        current_epoch = 0
+
+    model._trainer = Epoch()
+    assert model.first_order_at(True) is True
+    for a, b in zip(grads(model, model.first_order_at(True)), grads(maml, True)):
+        torch.testing.assert_close(a, b)
+    Epoch.current_epoch = 1
+    assert model.first_order_at(True) is False
+    for a, b in zip(grads(model, model.first_order_at(True)), grads(maml, False)):
+        torch.testing.assert_close(a, b)
+    model._trainer = None
+
+
+def test_transfer_baseline_has_no_inner_loop_in_training():
+    model = small(Transfer, inner_steps=5, meta_optimizer="sgd", meta_lr=0.1)
+    batch = toy_batch()
+    pooled_x = torch.cat([batch.support_x, batch.query_x], 1)
+    pooled_y = torch.cat([batch.support_y, batch.query_y], 1)
+    loss = F.mse_loss(model.net(pooled_x.reshape(-1, 2)), pooled_y.reshape(-1, 1))
+    expected = [p - 0.1 * g for p, g in zip(model.net.parameters(), torch.autograd.grad(loss, list(model.net.parameters())))]
+    model.outer_update(batch)
+    for p, e in zip(model.net.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e.detach())
+
+
+def test_transfer_rejects_gradient_agreement():
+    with pytest.raises(ValueError, match="weighting: uniform"):
+        Transfer(task_spec=TOY, weighting="gradient_agreement")
+
+
+def test_non_transductive_evaluation_predicts_each_query_beside_the_support_set():
+    model = small(MAML, spec=IMAGES, transductive=False)
+    batch = image_batch(tasks=1)
+    params = {n: p.detach() for n, p in model.net.named_parameters()}
+    preds = model.predict(params, batch.support_x[0], batch.query_x[0], 0, training=False)
+    for j in range(batch.query_x.shape[1]):
+        alone = model.net(torch.cat([batch.support_x[0], batch.query_x[0, j : j + 1]]))[-1]
+        torch.testing.assert_close(preds[j], alone, rtol=1e-4, atol=1e-5)
+    transductive = model.net(batch.query_x[0])
+    assert not torch.allclose(preds, transductive, atol=1e-3)
