@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import math
 import os
@@ -153,9 +152,9 @@ def build_ours(args: argparse.Namespace, dm: EpisodicDataModule, device: torch.d
     else:
         cls = algorithms.MAML
     kwargs = dict(task_spec=dm.task_spec, backbone="conv4", inner_lr=args.inner_lr, inner_steps=args.inner_steps,
-                  first_order=first_order, meta_batch_size=args.meta_batch_size, meta_lr=args.meta_lr)
-    params = inspect.signature(cls).parameters
-    model = cls(**{k: v for k, v in kwargs.items() if k in params}).to(device)
+                  first_order=first_order or args.algorithm == "reptile", meta_batch_size=args.meta_batch_size,
+                  meta_lr=args.meta_lr)
+    model = cls(**kwargs).to(device)
     model.configure_optimizers()  # validates the hparams; we build the optimizer ourselves
     opt = (torch.optim.SGD if args.algorithm == "reptile" else torch.optim.Adam)(
         model.meta_parameters(), lr=args.meta_lr)
@@ -236,7 +235,7 @@ def build_l2l(args: argparse.Namespace, net: torch.nn.Module, images: torch.Tens
 
     if args.algorithm == "reptile":
         opt = torch.optim.SGD(net.parameters(), lr=args.meta_lr)
-        adapt_state = torch.optim.Adam(net.parameters(), lr=args.inner_lr, betas=(0, 0.999)).state_dict()
+        adapt_state = torch.optim.Adam(net.parameters(), lr=args.inner_lr, betas=(0.0, 0.999)).state_dict()
 
         def step() -> None:
             nonlocal adapt_state
@@ -245,7 +244,7 @@ def build_l2l(args: argparse.Namespace, net: torch.nn.Module, images: torch.Tens
                 p.grad = torch.zeros_like(p.data)
             for _ in range(args.meta_batch_size):
                 learner = copy.deepcopy(net)
-                adapt_opt = torch.optim.Adam(learner.parameters(), lr=args.inner_lr, betas=(0, 0.999))
+                adapt_opt = torch.optim.Adam(learner.parameters(), lr=args.inner_lr, betas=(0.0, 0.999))
                 adapt_opt.load_state_dict(adapt_state)
                 ax, ay, _, _ = split(*draw())
                 for _ in range(args.inner_steps):
@@ -380,7 +379,7 @@ def compare(args: argparse.Namespace, device: torch.device, memory: bool) -> dic
     row.update(
         algorithm=args.algorithm, dataset=args.dataset, ways=args.ways, shots=args.shots, queries=args.queries,
         meta_batch_size=args.meta_batch_size, inner_steps=args.inner_steps,
-        first_order=args.first_order or args.algorithm == "fomaml", steps=args.steps, warmup=args.warmup,
+        first_order=args.first_order or args.algorithm in ("fomaml", "reptile"), steps=args.steps, warmup=args.warmup,
         device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, learn2learn=l2l_version,
         data=source, baseline_sampler=args.baseline_sampler if l2l_version else None,
         memory=("cuda max_memory_allocated above step start" if device.type == "cuda"
@@ -408,8 +407,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=1)
     p.add_argument("--meta-batch-size", type=int, default=32)
     p.add_argument("--inner-steps", type=int, default=1)
-    p.add_argument("--inner-lr", type=float, default=0.4)
-    p.add_argument("--meta-lr", type=float, default=1e-3)
+    p.add_argument("--inner-lr", type=float, default=None, help="default: 0.4 (MAML), 0.001 (Reptile's Adam)")
+    p.add_argument("--meta-lr", type=float, default=None, help="default: 1e-3 (MAML, Adam), 1.0 (Reptile, SGD)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
     p.add_argument("--first-order", action="store_true")
@@ -427,6 +426,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-side", choices=("ours", "baseline"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    reptile = args.algorithm == "reptile"
+    args.inner_lr = args.inner_lr if args.inner_lr is not None else 0.001 if reptile else 0.4
+    args.meta_lr = args.meta_lr if args.meta_lr is not None else 1.0 if reptile else 1e-3
     args.argv = list(sys.argv[1:] if argv is None else argv)  # replayed by the memory subprocesses
     if args.short:
         args.steps, args.warmup, args.meta_batch_size, args.memory_steps = 2, 1, 4, 2

@@ -23,6 +23,7 @@ from pytorch_lightning.cli import LightningCLI
 
 from lit_meta.algorithms.base import MetaLearner
 from lit_meta.data.base import EpisodicDataModule
+from lit_meta.loggers import slurm_run_id
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "sine" / "maml.yaml"
@@ -54,6 +55,8 @@ class MetaCLI(LightningCLI):
             "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
             "max_steps": 1000,
             "num_sanity_val_steps": 0,
+            # a kill -9 mid-save must not destroy the last complete checkpoint
+            "plugins": [{"class_path": "lit_meta.checkpoint.AtomicCheckpointIO"}],
         }
         kwargs["trainer_defaults"] = {**defaults, **kwargs["trainer_defaults"]}
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -71,6 +74,19 @@ class MetaCLI(LightningCLI):
         if self.config.get("subcommand"):
             check_checkpoint(self._subcommand_arg("ckpt_path"))
         super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        # Under SLURM the run directory is named after the job, so a requeued job (same
+        # id) writes to the same directory and W&B run instead of a new version_N.
+        job = slurm_run_id()
+        subcommand = self.config.get("subcommand")
+        if job is None or subcommand is None:
+            return
+        logger = self.config[subcommand].trainer.get("logger")
+        for entry in logger if isinstance(logger, list) else [logger]:
+            init = getattr(entry, "init_args", None)
+            if init is not None and "version" in init and init.get("version") is None:
+                init["version"] = f"slurm_{job}"
 
     # ---------------------------------------------------------------- fit
     def before_fit(self) -> None:

@@ -27,6 +27,11 @@ WEIGHTINGS = ("uniform", "gradient_agreement")
 Params = dict[str, Tensor]
 
 
+def _grad_scaler(module: "pl.LightningModule") -> "torch.amp.GradScaler | None":
+    """Lightning's GradScaler under 16-mixed, else None."""
+    return getattr(module.trainer.precision_plugin, "scaler", None)
+
+
 def flatten_tasks(per_task: Params) -> Tensor:
     """``{name: [T, ...]}`` -> ``[T, P]``."""
     return torch.cat([t.reshape(t.shape[0], -1) for t in per_task.values()], dim=1)
@@ -70,6 +75,7 @@ class MetaStep:
             raise ValueError(f"grad_clip must be > 0, got {grad_clip}")
         self.weighting = weighting
         self.grad_clip = grad_clip
+        self.skipped_steps = 0
 
     def __call__(
         self,
@@ -92,6 +98,7 @@ class MetaStep:
         world = dist.get_world_size() if _distributed() else 1
 
         attached = module._trainer is not None
+        scaler = _grad_scaler(module) if attached else None
         if optimizer is None:
             optimizer = module.optimizers() if attached else module.standalone_optimizer()
         optimizer.zero_grad(set_to_none=True)
@@ -100,16 +107,28 @@ class MetaStep:
             loss = world * (weights.to(query_losses.dtype) * query_losses).sum()
             module.manual_backward(loss) if attached else loss.backward()
         if task_grads is not None:
+            if scaler is not None and query_losses is None:
+                scaler.scale(torch.zeros(()))  # no scaled backward ran: this initialises the scale
             named = dict(module.named_parameters())
             for name, per_task in task_grads.items():
                 g = torch.einsum("t,t...->...", weights.to(per_task.dtype), per_task.detach())
+                if scaler is not None:
+                    # the scaler's step unscales every .grad, so written ones must be scaled too
+                    g = g * scaler.get_scale()
                 if world > 1:
                     dist.all_reduce(g)
                 p = named[name]
+                g = g.to(p.dtype)  # under autocast the inner loop may hand back low-precision updates
                 p.grad = g if p.grad is None else p.grad + g
         if self.grad_clip is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
             torch.nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
+        scale = scaler.get_scale() if scaler is not None else None
         optimizer.step()
+        if scaler is not None and scaler.get_scale() < scale:
+            # GradScaler found inf/NaN in the fp16 gradients and skipped this step
+            self.skipped_steps += 1
         self._log(module, weights)
         return weights
 
@@ -118,7 +137,8 @@ class MetaStep:
             return
         w = weights.detach().float()
         module.log_dict(
-            {"meta/weight_min": w.min(), "meta/weight_max": w.max(), "meta/weight_spread": w.max() - w.min()},
+            {"meta/weight_min": w.min(), "meta/weight_max": w.max(), "meta/weight_spread": w.max() - w.min(),
+             "meta/skipped_steps": float(self.skipped_steps)},
             on_step=True,
             on_epoch=False,
         )

@@ -1,7 +1,6 @@
 """Image episodic data: every accepted layout, episodes, splits, determinism and bad input."""
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -26,6 +25,15 @@ from lit_meta.data import ImageFolderDataModule, MiniImageNetDataModule, Omniglo
 from lit_meta.data.images import ClassPool, images_from_files, preprocess, sample_episodes, save_atomic
 
 from tests.conftest import OMNIGLOT as REAL_OMNIGLOT
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only adds sync cost, and on a shared CPU much more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def omniglot(root: Path, **kwargs) -> OmniglotDataModule:
@@ -465,3 +473,29 @@ def test_real_omniglot_pack_and_a_short_fomaml_run(tmp_path):
     trainer.fit(model, datamodule=dm)
     accuracy = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
     assert accuracy > 0.6, accuracy  # chance is 0.2
+
+
+# ---------------------------------------------------------------------------- device placement
+def test_pools_and_episodes_live_on_the_data_device(tmp_path, omni_npz, monkeypatch):
+    """Pools move to ``data_device()`` in setup and episodes are built there; the "meta"
+    device stands in for a GPU (any host sync or CPU-only op in the sampler would fail)."""
+    dm = omniglot(omni_npz, cache_dir=str(tmp_path))
+    monkeypatch.setattr(dm, "data_device", lambda: torch.device("meta"))
+    dm.setup()
+    assert all(p.images.device.type == "meta" for p in dm.pools.values())
+    for split in ("train", "test"):
+        batch = dm.sample_tasks(split, torch.Generator().manual_seed(0), 4)
+        assert {t.device.type for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)} == {"meta"}
+        assert batch.query_x.shape == (4, 6, 1, 21, 21)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_episodes_on_gpu_match_the_cpu(tmp_path, omni_npz, monkeypatch):
+    cpu = omniglot(omni_npz, cache_dir=str(tmp_path))
+    cpu.setup()
+    gpu = omniglot(omni_npz, cache_dir=str(tmp_path))
+    monkeypatch.setattr(gpu, "data_device", lambda: torch.device("cuda"))
+    gpu.setup()
+    a, b = cpu.train_batch(3), gpu.train_batch(3)
+    assert b.support_x.is_cuda and torch.equal(a.support_x, b.support_x.cpu()) and torch.equal(a.query_y, b.query_y.cpu())

@@ -11,6 +11,7 @@ An algorithm overrides only what differs: ``adapt_names`` (what adapts),
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any
 
@@ -127,8 +128,19 @@ class MetaLearner(pl.LightningModule):
         def support_loss(p: Params, step: int) -> Tensor:
             return self.loss_fn(self.forward_fn(p, support_x, step), support_y)
 
-        return adapt(support_loss, params, steps, self.update_rule(training), first_order,
-                     self.adapt_names(), trace=trace)
+        with self.inner_precision():
+            return adapt(support_loss, params, steps, self.update_rule(training), first_order,
+                         self.adapt_names(), trace=trace)
+
+    def inner_precision(self) -> AbstractContextManager:
+        """Under 16-mixed the inner loop runs in fp32: Lightning's GradScaler scales only
+        ``manual_backward``, so fp16 inner gradients (``torch.func.grad``) could underflow.
+        The query forward stays in fp16 and the outer backward is scaled as usual. bf16
+        has fp32's range, so under bf16-mixed the inner loop stays in autocast."""
+        trainer = self._trainer
+        if trainer is not None and str(trainer.precision).startswith("16"):
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        return nullcontext()
 
     def predict(self, params: Params, support_x: Tensor, query_x: Tensor, step: int, training: bool) -> Tensor:
         """Query predictions of (adapted) ``params``; non-transductive at evaluation if asked."""
@@ -268,12 +280,15 @@ class MetaLearner(pl.LightningModule):
     def meta_parameters(self):
         return self.parameters()
 
-    def configure_optimizers(self) -> Any:
+    def _meta_optimizer(self) -> torch.optim.Optimizer:
         hp = self.hparams
         if hp.meta_optimizer == "adam":
-            optimizer = torch.optim.Adam(self.meta_parameters(), lr=hp.meta_lr)
-        else:
-            optimizer = torch.optim.SGD(self.meta_parameters(), lr=hp.meta_lr)
+            return torch.optim.Adam(self.meta_parameters(), lr=hp.meta_lr)
+        return torch.optim.SGD(self.meta_parameters(), lr=hp.meta_lr)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = self._meta_optimizer()
         if hp.lr_schedule == "constant":
             return optimizer
         total = self._total_steps()
@@ -284,10 +299,10 @@ class MetaLearner(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def standalone_optimizer(self) -> torch.optim.Optimizer:
-        """The meta-optimizer when no Trainer is attached (tests, benchmarks, notebooks)."""
+        """The meta-optimizer when no Trainer is attached (tests, benchmarks, notebooks);
+        without a Trainer there is no step budget, so no learning-rate schedule."""
         if getattr(self, "_standalone_optimizer", None) is None:
-            configured = self.configure_optimizers()
-            self._standalone_optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+            self._standalone_optimizer = self._meta_optimizer()
         return self._standalone_optimizer
 
     def _total_steps(self) -> int:
@@ -301,6 +316,8 @@ class MetaLearner(pl.LightningModule):
     def configure_callbacks(self) -> list[pl.Callback]:
         from pytorch_lightning.callbacks import ModelCheckpoint
 
+        if not self.trainer.checkpoint_callbacks:  # Trainer(enable_checkpointing=False)
+            return []
         metric, mode = self.monitor
         return [ModelCheckpoint(monitor=metric, mode=mode, save_last=True,
                                 filename="best-{step}", auto_insert_metric_name=False)]

@@ -3,6 +3,8 @@ from lit_meta.data.sine import SineDataModule
 from lit_meta.data.folder import ImageFolderDataModule
 from lit_meta.data.miniimagenet import MiniImageNetDataModule
 from lit_meta.data.omniglot import OmniglotDataModule
+from lit_meta.data.optimizees import MLPClassification, OptimizeeDataModule, OptimizeeFamily, Quadratic
 
 __all__ = ["EpisodicDataModule", "SineDataModule", "derive_seed",
-           "ImageFolderDataModule", "MiniImageNetDataModule", "OmniglotDataModule"]
+           "ImageFolderDataModule", "MiniImageNetDataModule", "OmniglotDataModule",
+           "MLPClassification", "OptimizeeDataModule", "OptimizeeFamily", "Quadratic"]

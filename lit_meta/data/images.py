@@ -166,13 +166,13 @@ def sample_episodes(pool: ClassPool, generator: torch.Generator, num_tasks: int,
     items = keys.topk(per_class, dim=-1).indices
     index = pool.offsets[base][..., None] + items  # [T, W, shots + queries]
     x = pool.images[index.to(pool.images.device)]  # the one gather: [T, W, n, C, H, W]
-    if pool.rotations and bool((turns > 0).any()):
-        x = x.clone()
+    if pool.rotations:
         for r in (1, 2, 3):
-            mask = turns == r
-            if bool(mask.any()):
-                mask = mask.to(x.device)
-                x[mask] = torch.rot90(x[mask], r, dims=(-2, -1))
+            # Integer indices found on the CPU: no device sync, as boolean masks would need.
+            task, way = ((turns == r).nonzero(as_tuple=True))
+            if len(task):
+                task, way = task.to(x.device), way.to(x.device)
+                x[task, way] = torch.rot90(x[task, way], r, dims=(-2, -1))
     x = normalize(x, mean, std)
     image_shape = x.shape[3:]
     support_x = x[:, :, :shots].reshape(num_tasks, ways * shots, *image_shape)

@@ -106,14 +106,16 @@ class MLPClassification(OptimizeeFamily):
 
     Each function draws ``clusters`` Gaussian blobs per class (centres ~ N(0, ``spread``² I),
     points = centre + N(0, I)), ``samples`` points in all, and a PyTorch-default start
-    (U(±1/√fan_in)). Blobs of one class are not contiguous, so the hidden layer matters.
+    (U(±1/√fan_in)). Blobs of one class are not contiguous, so the hidden layer matters;
+    they overlap and there are more points than parameters, so the loss has a floor
+    above zero (the net cannot just memorise).
     """
 
     name = "mlp"
     kind = "classification"
 
-    def __init__(self, inputs: int = 10, hidden: int = 20, classes: int = 5, samples: int = 128,
-                 clusters: int = 2, spread: float = 1.5) -> None:
+    def __init__(self, inputs: int = 10, hidden: int = 20, classes: int = 5, samples: int = 512,
+                 clusters: int = 2, spread: float = 1.0) -> None:
         for key, value in (("inputs", inputs), ("hidden", hidden), ("classes", classes),
                            ("samples", samples), ("clusters", clusters)):
             check_positive(key, value)
@@ -150,18 +152,19 @@ class MLPClassification(OptimizeeFamily):
 
 
 def family_spec(family: OptimizeeFamily) -> dict[str, Any]:
+    # Not "class_path"/"init_args": jsonargparse would instantiate such a dict inside task_spec.
     cls = type(family)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(family.init_args)}
+    return {"family": f"{cls.__module__}.{cls.__qualname__}", "args": dict(family.init_args)}
 
 
 def build_family(spec: dict[str, Any]) -> OptimizeeFamily:
     """The inverse of :func:`family_spec` (``task_spec["optimizee"]``)."""
-    module, _, name = spec["class_path"].rpartition(".")
+    module, _, name = spec["family"].rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot import optimizee family {spec['class_path']!r}: {error}") from None
-    return cls(**spec.get("init_args", {}))
+        raise ValueError(f"cannot import optimizee family {spec['family']!r}: {error}") from None
+    return cls(**spec.get("args", {}))
 
 
 class OptimizeeDataModule(EpisodicDataModule):

@@ -1,0 +1,84 @@
+"""The Omniglot and miniImageNet configs: paper hyperparameters, and end to end on miniatures."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO
+from tests.image_data_fixtures import mini_arrays, omniglot_arrays, write_mini_pickles, write_omniglot_npz
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only adds sync cost, and on a shared CPU much more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Finn et al. 2017, appendix A.1: (inner_lr, inner_steps, eval_inner_steps, meta_batch_size)
+PAPER = {
+    "omniglot/{}_5w1s": (0.4, 1, 3, 32), "omniglot/{}_5w5s": (0.4, 1, 3, 32),
+    "omniglot/{}_20w1s": (0.1, 5, 5, 16), "omniglot/{}_20w5s": (0.1, 5, 5, 16),
+    "miniimagenet/{}_5w1s": (0.01, 5, 10, 4), "miniimagenet/{}_5w5s": (0.01, 5, 10, 2),
+}
+CONFIGS = [(pattern.format(algo), values) for pattern, values in PAPER.items() for algo in ("maml", "fomaml")]
+
+
+@pytest.mark.parametrize("name,values", CONFIGS, ids=[c for c, _ in CONFIGS])
+def test_paper_config_hyperparameters(name, values):
+    config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    assert (model["inner_lr"], model["inner_steps"], model["eval_inner_steps"], model["meta_batch_size"]) == values
+    assert model["first_order"] == name.split("/")[1].startswith("fomaml")
+    assert model["meta_lr"] == 0.001 and config["trainer"]["max_steps"] == 60000
+    ways, shots = name.split("_")[-1].split("w")
+    assert data["ways"] == int(ways) and data["shots"] == int(shots.rstrip("s"))
+    assert data["test_tasks"] == 600
+    if name.startswith("miniimagenet"):
+        assert model["backbone_kwargs"] == {"filters": 32, "max_pool": True}
+        assert data["queries"] == 15
+    else:
+        assert model["backbone_kwargs"] == {"filters": 64, "max_pool": False}
+        assert data["split"] == "finn" and data["image_size"] == 28
+
+
+QUICK = str(REPO / "configs" / "omniglot" / "quick_5w1s.yaml")
+
+
+def test_quick_config_runs_end_to_end(run_cli, capsys, tmp_path):
+    root = write_omniglot_npz(tmp_path / "omniglot", omniglot_arrays(background=60, evaluation=40, drawers=20))
+    run_cli("fit", "--config", QUICK, "--data.root", str(root), "--trainer.max_steps", "3",
+            "--model.init_args.meta_batch_size", "4", "--data.steps_per_epoch", "3", "--data.val_tasks", "2",
+            "--data.test_tasks", "4", "--data.eval_batch_size", "2", "--data.eval_queries", "2")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("results: ")
+    results = json.loads(Path(last.removeprefix("results: ")).read_text())
+    assert results["dataset"] == "omniglot" and results["train/steps"] == 3
+    assert results["metrics"]["test/tasks"] == 4 and 0 <= results["metrics"]["test/acc"] <= 1
+    assert (root / "omniglot_28px.pt").is_file()  # the cache, under the root
+
+
+def test_quick_config_accepts_the_lake_split(tmp_path, monkeypatch):
+    from lit_meta.cli import MetaCLI
+
+    root = write_omniglot_npz(tmp_path / "omniglot", omniglot_arrays(background=60, evaluation=40, drawers=20))
+    monkeypatch.chdir(tmp_path)
+    cli = MetaCLI(args=["--config", QUICK, "--data.root", str(root), "--data.split", "lake"], run=False)
+    cli.datamodule.setup("fit")
+    test_names = set(cli.datamodule.pools["test"].names)
+    assert test_names == {f"images_evaluation/{c}" for c in range(40)}
+    assert cli.model.task_spec["split"] == "lake"
+
+
+def test_bad_data_root_is_a_one_line_cli_error(run_cli, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        run_cli("fit", "--config", str(REPO / "configs" / "omniglot" / "quick_5w1s.yaml"),
+                "--data.root", str(tmp_path / "missing"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and str(tmp_path / "missing") in err[-1]

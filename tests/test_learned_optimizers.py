@@ -1,0 +1,279 @@
+"""Learned optimizers: the L2L coordinate-wise LSTM (Andrychowicz et al. 2016), its
+``LearnedOptimizer`` export, and the Meta-Learner LSTM (Ravi & Larochelle 2017)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from lit_meta import LearnedOptimizer
+from lit_meta.algorithms import LearningToLearn, MetaLSTM
+from lit_meta.algorithms.l2l_lstm import LSTMRule, NonFiniteLossError
+from lit_meta.data import MLPClassification, OptimizeeDataModule, Quadratic
+from lit_meta.models.lstm_optimizers import CoordinateLSTM, preprocess
+from lit_meta.tasks import TaskBatch, task_spec
+from tests.conftest import REPO
+
+E = math.exp(10.0)
+
+
+def test_preprocess_matches_the_formula_on_hand_picked_values():
+    g = torch.tensor([1.0, -math.exp(-5), math.exp(-10), 1e-6, -1e-6, 0.0, 3e3], dtype=torch.float64)
+    expected = torch.tensor([
+        [0.0, 1.0],                # log 1 / 10, sign
+        [-0.5, -1.0],              # log e^-5 / 10, sign
+        [-1.0, 1.0],               # |g| = e^-p exactly: the log branch
+        [-1.0, E * 1e-6],          # |g| < e^-p: (-1, e^p g)
+        [-1.0, -E * 1e-6],
+        [-1.0, 0.0],               # g = 0
+        [math.log(3e3) / 10, 1.0],
+    ], dtype=torch.float64)
+    torch.testing.assert_close(preprocess(g, 10.0), expected, rtol=1e-12, atol=1e-12)
+    # Differentiable everywhere, g = 0 included (second-order L2L backpropagates through it).
+    g.requires_grad_(True)
+    (grad,) = torch.autograd.grad(preprocess(g).sum(), g)
+    assert torch.isfinite(grad).all()
+
+
+def _lstm_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_coordinatewise_sharing_size_does_not_depend_on_the_optimizee():
+    small = LearningToLearn(OptimizeeDataModule(Quadratic(dim=3)).task_spec)
+    big = LearningToLearn(OptimizeeDataModule(MLPClassification()).task_spec)
+    assert _lstm_params(small.net) == _lstm_params(big.net)
+    assert _lstm_params(small) == _lstm_params(small.net)  # the placeholder network is gone
+    # One optimizer runs on any parameter shapes.
+    rule = LSTMRule(small.net)
+    for params in ({"w": torch.randn(3)}, {"a": torch.randn(4, 5), "b": torch.randn(7), "c": torch.randn(2, 2, 3)}):
+        state = rule.init_state(params)
+        new, state = rule(0, params, {n: torch.randn_like(p) for n, p in params.items()}, torch.tensor(1.0), state)
+        assert {n: p.shape for n, p in new.items()} == {n: p.shape for n, p in params.items()}
+        assert state[0].shape == (2, sum(p.numel() for p in params.values()), 20)
+    curves = big.loss_curves(OptimizeeDataModule(MLPClassification()).eval_batch("test", 0), rule, steps=3)
+    assert curves.shape == (128, 4) and torch.isfinite(curves).all()
+    # Meta-LSTM: same meta-learner size for learners of different sizes.
+    spec = task_spec("toy", "classification", [1, 12, 12], ways=5)
+    m16 = MetaLSTM(spec, backbone="conv4", backbone_kwargs={"filters": 16})
+    m32 = MetaLSTM(spec, backbone="conv4", backbone_kwargs={"filters": 32})
+    assert _lstm_params(m16.net) < _lstm_params(m32.net)
+    assert _lstm_params(m16.meta_learner) == _lstm_params(m32.meta_learner)
+
+
+def test_meta_lstm_with_f_one_and_i_alpha_is_sgd():
+    """c_t = f ⊙ c_{t−1} − i ⊙ ∇ with f = 1, i = α: the learner's parameters follow SGD exactly."""
+    alpha, steps = 0.3, 3
+    spec = task_spec("toy", "classification", [3], ways=2)
+    model = MetaLSTM(spec, backbone="mlp", backbone_kwargs={"hidden": (4,)}, inner_steps=steps).double()
+    cell = model.meta_learner
+    with torch.no_grad():
+        cell.from_h.weight.zero_()
+        cell.from_theta.zero_()
+        cell.from_prev.zero_()
+        # σ(60) is 1.0 in float64; σ(logit α) is α to rounding.
+        cell.from_h.bias.copy_(torch.tensor([60.0, math.log(alpha / (1 - alpha))], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(2, (2, 6), generator=g)
+    params = dict(model.net.named_parameters())
+    for task in range(2):
+        adapted = model.adapt_task(params, x[task], y[task], steps, first_order=True, training=True)
+        fast = {n: p.detach().clone() for n, p in params.items()}
+        for _ in range(steps):
+            fast = {n: p.requires_grad_() for n, p in fast.items()}
+            loss = F.cross_entropy(functional_call(model.net, fast, (x[task],)), y[task])
+            grads = torch.autograd.grad(loss, list(fast.values()))
+            fast = {n: (p - alpha * gr).detach() for (n, p), gr in zip(fast.items(), grads)}
+        for n in fast:
+            torch.testing.assert_close(adapted.params[n].detach(), fast[n], rtol=1e-12, atol=1e-14)
+    # ... and the vmapped meta-batch path gives the same query losses.
+    out = model.run_tasks(TaskBatch(x, y, x, y), steps, first_order=True, training=True)
+    assert out["query_loss"].shape == (2,) and out["query_loss"].requires_grad
+
+
+def test_meta_lstm_outer_gradient_reaches_init_and_lstm():
+    spec = task_spec("toy", "classification", [3], ways=2)
+    model = MetaLSTM(spec, backbone="mlp", backbone_kwargs={"hidden": (4,)}, inner_steps=2)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 6, 3, generator=g), torch.randint(2, (3, 6), generator=g)
+    out = model.run_tasks(TaskBatch(x, y, x, y), 2, first_order=True, training=True)
+    out["query_loss"].mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.net.head.weight.grad.abs().sum() > 0  # c_0, the learner's init
+    assert model.meta_learner.lstm.linear.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------- L2L meta-training
+def _trainer(root: Path, steps: int, **kwargs) -> pl.Trainer:
+    return pl.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      inference_mode=False, num_sanity_val_steps=0, limit_val_batches=0,
+                      default_root_dir=str(root), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained_quadratic(tmp_path_factory):
+    """A learned optimizer after 60 meta-steps (12 unrolls of 100) on quadratics, and its checkpoint."""
+    root = tmp_path_factory.mktemp("l2l")
+    pl.seed_everything(0)
+    dm = OptimizeeDataModule(Quadratic(), meta_batch_size=32, steps_per_epoch=60, test_tasks=64)
+    model = LearningToLearn(dm.task_spec, meta_batch_size=32, meta_lr=0.003)
+    before = model.loss_curves(dm.eval_batch("test", 0), model.update_rule(False))[:, -1].mean().item()
+    trainer = _trainer(root, 60)
+    trainer.fit(model, datamodule=dm)
+    path = root / "l2l.ckpt"
+    trainer.save_checkpoint(path)
+    return model, dm, before, path
+
+
+def test_short_meta_training_lowers_held_out_loss(trained_quadratic):
+    model, dm, before, _ = trained_quadratic
+    after = model.loss_curves(dm.eval_batch("test", 0), model.update_rule(False))[:, -1].mean().item()
+    assert math.isfinite(after) and after < 0.1 * before, (before, after)
+
+
+def _regression_problem():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 5, generator=g)
+    y = x @ torch.randn(5, 1, generator=g) + 0.1 * torch.randn(64, 1, generator=g)
+    return x, y
+
+
+def test_learned_optimizer_trains_a_model_and_state_dict_round_trips(trained_quadratic, tmp_path):
+    path = trained_quadratic[3]
+    x, y = _regression_problem()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1)
+    opt = LearnedOptimizer(model.parameters(), checkpoint=path)
+    assert isinstance(opt, torch.optim.Optimizer)
+    first = F.mse_loss(model(x), y).item()
+    for _ in range(100):  # the horizon it was meta-trained for
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+    assert F.mse_loss(model(x), y).item() < 0.2 * first
+
+    # Resume from state_dicts (through a file, as a user would) and continue identically.
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "resume.pt")
+    saved = torch.load(tmp_path / "resume.pt", weights_only=True)
+    twin = torch.nn.Linear(5, 1)
+    twin.load_state_dict(saved["model"])
+    twin_opt = LearnedOptimizer(twin.parameters(), checkpoint=path)
+    twin_opt.load_state_dict(saved["opt"])
+    for net, o in ((model, opt), (twin, twin_opt)):
+        for _ in range(5):
+            o.zero_grad()
+            F.mse_loss(net(x), y).backward()
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert opt.state[model.weight]["h"].shape == (2, 5, 20)
+
+
+def test_learned_optimizer_rejects_a_non_l2l_checkpoint(tmp_path):
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a LearningToLearn"):
+        LearnedOptimizer([torch.zeros(2, requires_grad=True)], checkpoint=tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not found"):
+        LearnedOptimizer([torch.zeros(2, requires_grad=True)], checkpoint=tmp_path / "missing.ckpt")
+
+
+# ---------------------------------------------------------------------- bad input
+class _PoisonedQuadratics(OptimizeeDataModule):
+    """Quadratics whose W is NaN for the training steps in ``poisoned`` (all, when None)."""
+
+    def __init__(self, poisoned: set[int] | None, **kwargs) -> None:
+        super().__init__(Quadratic(), **kwargs)
+        self.poisoned = poisoned
+
+    def train_batch(self, step: int):
+        batch = super().train_batch(step)
+        if self.poisoned is None or step in self.poisoned:
+            batch.support_x[0, 0, 0] = float("nan")  # one function of the batch suffices
+        return batch
+
+
+def test_non_finite_loss_skips_the_step_with_a_counted_warning(tmp_path):
+    dm = _PoisonedQuadratics({0, 1}, meta_batch_size=8, steps_per_epoch=20)
+    model = LearningToLearn(dm.task_spec, meta_batch_size=8, unroll=20, truncation=10, max_nonfinite=3)
+    trainer = _trainer(tmp_path, 4)
+    with pytest.warns(UserWarning, match="non-finite optimizee loss in 1 of 8 functions") as record:
+        trainer.fit(model, datamodule=dm)
+    assert sum("non-finite" in str(w.message) for w in record) == 2
+    assert trainer.global_step == 4  # the skipped steps are not counted as meta-steps
+    assert trainer.callback_metrics["train/nonfinite_skipped"].item() == 2
+    assert (tmp_path / "checkpoints" / "last_finite.ckpt").is_file()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_loss_stops_after_max_in_a_row_and_keeps_the_last_finite_state(tmp_path):
+    dm = _PoisonedQuadratics(None, meta_batch_size=8, steps_per_epoch=20)
+    model = LearningToLearn(dm.task_spec, meta_batch_size=8, unroll=20, truncation=10, max_nonfinite=3)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="non-finite"), \
+            pytest.raises(NonFiniteLossError, match="3 meta-training steps in a row .*last_finite.ckpt"):
+        _trainer(tmp_path, 10).fit(model, datamodule=dm)
+    kept = torch.load(tmp_path / "checkpoints" / "last_finite.ckpt", weights_only=True)["state_dict"]
+    for k, v in initial.items():
+        torch.testing.assert_close(kept[k], v)
+
+
+# ---------------------------------------------------------------------- configs end to end
+def test_l2l_config_runs_end_to_end_and_reports_every_optimizer(run_cli, capsys):
+    run_cli("fit", "--config", str(REPO / "configs" / "l2l" / "quadratic.yaml"), "--trainer.max_steps", "10",
+            "--trainer.val_check_interval", "5", "--model.init_args.meta_batch_size", "8",
+            "--model.init_args.tune_functions", "8", "--model.init_args.baseline_lrs", "[0.01, 0.1]",
+            "--model.init_args.eval_steps", "20", "--data.init_args.val_tasks", "8",
+            "--data.init_args.test_tasks", "16", "--data.init_args.eval_batch_size", "8",
+            "--data.init_args.steps_per_epoch", "10")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    results = json.loads(Path(last.removeprefix("results: ")).read_text())
+    metrics = results["metrics"]
+    for name in ("learned", "sgd", "rmsprop", "adam", "nag"):
+        assert math.isfinite(metrics[f"test/final_loss_{name}"]), name
+        assert len(results["loss_curves"][name]) == 21
+    assert metrics["test/functions"] == 16
+    assert min(abs(metrics["test/lr_adam"] - lr) for lr in (0.01, 0.1)) < 1e-6  # logged in float32
+    assert results["algorithm"] == "l2l_lstm" and set(results["tuned_lr"]) == {"sgd", "rmsprop", "adam", "nag"}
+
+
+@pytest.mark.parametrize("name", ["l2l/quadratic", "l2l/mlp"])
+def test_l2l_configs_instantiate(name, tmp_path, monkeypatch):
+    from lit_meta.cli import MetaCLI
+
+    monkeypatch.chdir(tmp_path)
+    cli = MetaCLI(args=["--config", str(REPO / "configs" / f"{name}.yaml")], run=False)
+    model, dm = cli.model, cli.datamodule
+    assert isinstance(model, LearningToLearn) and model.task_spec == dm.task_spec
+    assert (model.chunks, model.inner_steps, model.hparams.hidden_size, model.net.output_scale) == (5, 20, 20, 0.1)
+    batch = dm.eval_batch("val", 0)
+    assert model.loss_curves(batch.slice(0, 2), model.update_rule(False), steps=2).shape == (2, 3)
+
+
+def test_meta_lstm_configs_instantiate(tmp_path, monkeypatch):
+    from lit_meta.cli import MetaCLI
+    from tests.image_data_fixtures import mini_arrays, omniglot_arrays, write_mini_pickles, write_omniglot_npz
+
+    omni = write_omniglot_npz(tmp_path / "omniglot", omniglot_arrays(background=60, evaluation=40, drawers=20))
+    mini = write_mini_pickles(tmp_path / "mini", mini_arrays(classes={"train": 6, "val": 5, "test": 5},
+                                                             per_class=20, size=84))
+    monkeypatch.chdir(tmp_path)
+    for name, root in (("omniglot/metalstm_5w1s", omni), ("miniimagenet/metalstm_5w1s", mini),
+                       ("miniimagenet/metalstm_5w5s", mini)):
+        cli = MetaCLI(args=["--config", str(REPO / "configs" / f"{name}.yaml"), "--data.root", str(root),
+                            "--data.cache_dir", str(tmp_path / "cache")], run=False)
+        model, dm = cli.model, cli.datamodule
+        assert isinstance(model, MetaLSTM) and model.meta_step.grad_clip == 0.25
+        assert model.hparams.hidden_size == 20 and model.first_order
+        dm.setup("fit")
+        batch = dm.sample_tasks("train", torch.Generator().manual_seed(0), 1)
+        out = model.run_tasks(batch, 1, first_order=True, training=True)
+        assert torch.isfinite(out["query_loss"]).all(), name
