@@ -168,6 +168,10 @@ def main(args: list[str] | None = None) -> None:
         argv = ["fit", "--config", str(DEFAULT_CONFIG)]
     torch.set_float32_matmul_precision("high")
     try:
+        if argv[0] == "adapt":  # not a Trainer subcommand: lit_meta/adapt.py has its own parser
+            from lit_meta.adapt import main as adapt_main
+
+            return adapt_main(argv[1:])
         # args=None lets LightningCLI read sys.argv itself (it warns when given both).
         MetaCLI(args=None if args is None and sys.argv[1:] else argv)
     except ValueError as error:

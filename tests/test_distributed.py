@@ -68,7 +68,7 @@ class Blobs(EpisodicDataModule):
         centres = torch.randn(num_tasks, 5, 1, 2, generator=generator) * 1.5
         points = centres + torch.randn(num_tasks, 5, 6, 2, generator=generator)
         labels = torch.arange(5).view(1, 5, 1).expand(num_tasks, 5, 6)
-        flat = lambda t: t.reshape(num_tasks, 30, *t.shape[3:])  # noqa: E731
+        flat = lambda t: t.reshape(num_tasks, -1, *t.shape[3:])  # noqa: E731
         return TaskBatch(flat(points[:, :, :1]), flat(labels[:, :, :1]), flat(points[:, :, 1:]), flat(labels[:, :, 1:]))
 
 
