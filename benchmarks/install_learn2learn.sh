@@ -62,7 +62,8 @@ tools=("$CYTHON_SPEC")
     || "$PY" -c "import setuptools, wheel" 2>/dev/null \
     || tools+=("setuptools>=70.1")
 "$PY" -m pip install --quiet --target "$work/tools" "${tools[@]}"
-export PYTHONPATH="$work/tools${PYTHONPATH:+:$PYTHONPATH}"
+saved_pythonpath="${PYTHONPATH-}"
+export PYTHONPATH="$work/tools${saved_pythonpath:+:$saved_pythonpath}"
 
 for name in meta_dataset task_dataset transforms; do
     "$PY" -m cython -3 -X embedsignature=True "$src/learn2learn/data/$name.pyx" -o "$src/learn2learn/data/$name.c"
@@ -71,11 +72,11 @@ done
 # 3. learn2learn itself, never its dependencies (its install_requires would pull gsutil
 # and could re-resolve torch).
 "$PY" -m pip install --quiet --no-build-isolation --no-deps "$src"
-unset PYTHONPATH
+if [[ -n "$saved_pythonpath" ]]; then export PYTHONPATH="$saved_pythonpath"; else unset PYTHONPATH; fi
 
 # 4. What `import learn2learn` needs, with torch, torchvision and numpy held where they
 # are. qpth (for learn2learn's MetaOptNet) goes in with --no-deps: its metadata asks for
-# numpy<2, which would downgrade the project's numpy; it imports and runs on numpy 2.
+# numpy<2, which would downgrade the project's numpy; it imports fine on numpy 2.
 # pip then warns that qpth wants numpy<2 and learn2learn wants gsutil: both harmless.
 read -r torch_v vision_v <<<"$before"
 {

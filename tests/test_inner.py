@@ -153,3 +153,29 @@ def test_sgd_rule_accepts_per_parameter_and_per_step_rates():
     assert new["a"].tolist() == [0.5, 0.5] and new["b"].tolist() == [0.75, 0.75]
     new, _ = SGD(lambda step, name: 0.1 * (step + 1))(2, params, grads, torch.zeros(()), None)
     torch.testing.assert_close(new["a"], torch.full((2,), 0.7))
+
+
+def test_second_order_through_conv4_batchnorm_matches_per_task_autograd():
+    """Second order through conv + BatchNorm under vmap (pytorch/functorch#534 breaks
+    nn.BatchNorm2d here): exact against plain autograd, and a conv bias that feeds batch
+    norm gets exactly zero meta-gradient."""
+    spec = task_spec("toy-images", "classification", [1, 12, 12], ways=3)
+    model = MAML(spec, backbone_kwargs={"filters": 4, "blocks": 2}, inner_lr=0.4, inner_steps=2).double()
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(3).repeat(2, 2)
+    batch = TaskBatch(torch.randn(2, 6, 1, 12, 12, generator=g, dtype=torch.float64), y,
+                      torch.randn(2, 6, 1, 12, 12, generator=g, dtype=torch.float64), y.clone())
+    ours, _ = engine_meta_grad(model, batch, 2, first_order=False)
+    params = dict(model.net.named_parameters())
+    total = 0.0
+    for i in range(2):
+        fast = dict(params)
+        for step in range(2):
+            loss = F.cross_entropy(functional_call(model.net, fast, (batch.support_x[i],)), batch.support_y[i])
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+            fast = {n: p - 0.4 * gr for (n, p), gr in zip(fast.items(), grads)}
+        total = total + F.cross_entropy(functional_call(model.net, fast, (batch.query_x[i],)), batch.query_y[i]) / 2
+    ref = dict(zip(params, torch.autograd.grad(total, list(params.values()))))
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-9, atol=1e-11)
+    assert ours["body.0.bias"].abs().max() < 1e-12

@@ -28,3 +28,27 @@ def test_maml_lowers_post_adaptation_mse_below_pre_and_below_untrained_init():
     assert after < 0.5 * before, (before, after)
     assert after < 0.5 * untrained_after, (after, untrained_after)
     assert after < 1.5
+
+
+def test_meta_learners_beat_the_transfer_baseline_with_the_same_budget():
+    """The qualitative result of the MAML and Reptile papers: pooled pretraining learns the
+    mean function (≈ 0), which adapts poorly from K=10 points."""
+    from lit_meta.algorithms import MetaSGD, Reptile, Transfer
+
+    dm = SineDataModule(meta_batch_size=10, test_tasks=200, eval_batch_size=200)
+    spec = dm.task_spec
+    common = {"task_spec": spec, "meta_batch_size": 10, "eval_inner_steps": 10}
+    models = {
+        "maml": MAML(**common, inner_lr=0.01),
+        "metasgd": MetaSGD(**common, inner_lr=0.01),
+        "reptile": Reptile(**common, inner_optimizer="sgd", inner_lr=0.02, inner_steps=5, meta_lr=1.0),
+        "transfer": Transfer(**common, inner_lr=0.01, inner_steps=0),
+    }
+    after = {}
+    for name, model in models.items():
+        torch.manual_seed(0)
+        for step in range(800):
+            model.outer_update(dm.train_batch(step))
+        after[name] = _post_adaptation_mse(model, dm, 10)[1]
+    for name in ("maml", "metasgd", "reptile"):
+        assert after[name] < after["transfer"], after

@@ -27,24 +27,28 @@ def speed():
     return module
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread here: two OpenMP threads on a busy 2-core machine stall on every
+    small op (see docs/RESULTS.md), which turns seconds into minutes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("extra", [[], ["--algorithm", "fomaml", "--baseline-sampler", "taskdataset"]])
 def test_short_mode_runs_both_sides(speed, capsys, extra):
-    speed.main(["--short", "--random-images", *extra])
+    speed.main(["--short", "--random-images", "--threads", "1", *extra])
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("ours_tasks_per_s", "baseline_tasks_per_s", "ratio"):
         assert math.isfinite(row[key]) and row[key] > 0, (key, row)
     assert row["learn2learn"] == "0.2.0" and row["meta_batch_size"] == 4
 
 
-# Second order through nn.BatchNorm2d under vmap is wrong in torch (the batching rule of
-# batch-norm backward, pytorch/functorch#534): our conv-layer meta-gradients differ from
-# learn2learn's by ~1e-3 relative even in float64, and the conv biases (which feed batch
-# norm, so their true meta-gradient is 0) get non-zero gradients. learn2learn's plain
-# autograd is right. strict: this fails loudly once the engine is fixed, to drop the mark.
-SECOND_ORDER_BN_BUG = pytest.mark.xfail(strict=True, reason="vmap + BatchNorm double backward (pytorch/functorch#534)")
-
-
-@pytest.mark.parametrize("first_order", [pytest.param(False, marks=SECOND_ORDER_BN_BUG), True])
+# Second order through conv4's BatchNorm: the reason conv4 does not use nn.BatchNorm2d,
+# whose vmap batching rule gets double backward wrong (pytorch/functorch#534).
+@pytest.mark.parametrize("first_order", [False, True])
 def test_both_sides_compute_the_same_meta_gradient(speed, first_order):
     """Our vmapped run_tasks and learn2learn's clone/adapt loop agree to float32 round-off
     (rtol 1e-3, atol 1e-5) on one meta-batch, second and first order."""

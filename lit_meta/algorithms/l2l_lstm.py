@@ -194,24 +194,36 @@ class LearningToLearn(MetaLearner):
                                       keep_state=False)["losses"]
 
     # ------------------------------------------------------------------ meta-training
-    def training_step(self, batch: OptimizeeBatch, batch_idx: int) -> None:
+    def outer_update(self, batch: OptimizeeBatch) -> dict[str, Any]:
+        """One truncation of the current unroll and one meta-step; every ``unroll / truncation``
+        calls a fresh unroll starts on the functions of ``batch``. ``out["skipped"]`` is true
+        when a non-finite optimizee loss skipped the meta-step."""
         run = self._unroll
         if run is None or run["chunk"] == self.chunks:
             run = self._unroll = {"batch": batch, "theta": batch.theta0, "state": None, "chunk": 0}
         out = self.run_functions(run["batch"], run["theta"], run["state"], self.inner_steps,
                                  LSTMRule(self.net), first_order=self.first_order)
         # Σ_{t=s+1}^{s+K} f(θ_t): f(θ_s) is a constant of this truncation.
-        meta_loss = out["losses"][:, 1:].sum(1)
+        out["meta_loss"] = meta_loss = out["losses"][:, 1:].sum(1)
         finite = bool(torch.isfinite(meta_loss).all())
-        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+        if self._trainer is not None:  # every rank skips if any rank saw a non-finite loss
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        out["skipped"] = not finite
+        if not finite:
             self._skip_nonfinite(meta_loss)
-            return
+            return out
         self._nonfinite_in_row = 0
         self.meta_step(self, {"theta": (run["theta"] - out["theta"]).detach()}, query_losses=meta_loss)
         run.update(theta=out["theta"].detach(), state=tuple(s.detach() for s in out["state"]),
                    chunk=run["chunk"] + 1)
-        self.log("train/loss", meta_loss.detach().mean() / self.inner_steps, prog_bar=True)
+        return out
+
+    def training_step(self, batch: OptimizeeBatch, batch_idx: int) -> None:
+        out = self.outer_update(batch)
         self.log("train/nonfinite_skipped", float(self._nonfinite_total))
+        if out["skipped"]:
+            return
+        self.log("train/loss", out["meta_loss"].detach().mean() / self.inner_steps, prog_bar=True)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -228,14 +240,16 @@ class LearningToLearn(MetaLearner):
         rank_zero_warn(f"non-finite optimizee loss in {bad} of {meta_loss.numel()} functions at step "
                        f"{self.global_step}: meta-step skipped ({self._nonfinite_in_row} in a row, "
                        f"{self._nonfinite_total} in all); last finite weights in {self._last_finite}")
-        self.log("train/nonfinite_skipped", float(self._nonfinite_total))
         if self._nonfinite_in_row >= self.max_nonfinite:
             raise NonFiniteLossError(
                 f"{self._nonfinite_in_row} meta-training steps in a row had a non-finite optimizee loss "
                 f"(max_nonfinite={self.max_nonfinite}); stopped at step {self.global_step}. "
                 f"The last finite weights are in {self._last_finite}")
 
-    def _save_last_finite(self) -> Path:
+    def _save_last_finite(self) -> Path | None:
+        """``last_finite.ckpt`` beside the run's checkpoints (nothing without a Trainer)."""
+        if self._trainer is None:
+            return None
         callback = self.trainer.checkpoint_callback
         folder = Path(callback.dirpath if callback is not None and callback.dirpath else self.trainer.default_root_dir)
         path = folder / "last_finite.ckpt"

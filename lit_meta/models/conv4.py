@@ -4,8 +4,10 @@
 - miniImageNet: 4 blocks of 3x3 conv with 32 filters, stride 1, then 2x2 max-pool.
 
 Each block is conv -> BatchNorm -> ReLU; a linear head gives ``ways`` logits.
-BatchNorm uses batch statistics (``track_running_stats=False``): transductive, as the
-MAML papers evaluated, and safe inside ``vmap`` (no buffer is written).
+BatchNorm uses batch statistics: transductive, as the MAML papers evaluated, and safe
+inside ``vmap`` (no buffer is written). It is built from basic tensor ops
+(``PerStepBatchNorm``, whose per-step switches MAML++ turns on), because
+``nn.BatchNorm2d``'s vmap batching rule gives wrong second-order gradients.
 """
 from __future__ import annotations
 
@@ -31,11 +33,11 @@ class Conv4(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
-        per_step = bn_per_step_weights or bn_per_step_stats
         for _ in range(blocks):
             stride = 1 if max_pool else 2
-            norm = (PerStepBatchNorm(filters, bn_steps, bn_per_step_weights, bn_per_step_stats) if per_step
-                    else nn.BatchNorm2d(filters, track_running_stats=False))
+            # Not nn.BatchNorm2d: under vmap its second-order gradient is wrong
+            # (pytorch/functorch#534, the batch_norm backward batching rule). Basic ops are exact.
+            norm = PerStepBatchNorm(filters, bn_steps, bn_per_step_weights, bn_per_step_stats)
             layers += [nn.Conv2d(channels, filters, 3, stride=stride, padding=1), norm, nn.ReLU()]
             if max_pool:
                 layers.append(nn.MaxPool2d(2))

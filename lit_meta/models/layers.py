@@ -1,4 +1,4 @@
-"""Per-step BatchNorm for MAML++ (Antoniou, Edwards & Storkey 2019, "How to train your
+"""BatchNorm from basic tensor ops, with the per-step options of MAML++ (Antoniou, Edwards & Storkey 2019, "How to train your
 MAML", §4: BNRS and BNWB).
 
 - BNWB: one weight and bias per inner step (``per_step_weights``).
@@ -9,6 +9,10 @@ can be written to a buffer). With ``record_stats`` set, a forward leaves its bat
 the algorithm returns them out of ``vmap`` and folds the meta-batch's mean into the
 per-step buffers (``update_running_stats``). With ``use_running_stats`` set (for
 non-transductive evaluation) step ``k`` normalises with its own running statistics.
+
+With both switches off it is plain transductive batch norm (batch statistics, one weight
+and bias), which every conv4 uses: unlike ``nn.BatchNorm2d`` its second-order gradients
+under ``vmap`` are exact (pytorch/functorch#534).
 """
 from __future__ import annotations
 
