@@ -168,9 +168,8 @@ def load_images(paths: list[Path], spec: dict[str, Any], skip_bad: bool,
             continue
         kept.append(path)
         converted += _source_is_gray(path) is (channels == 3)
-    if converted:
-        kind = "grayscale" if channels == 1 else "RGB"
-        notices.append(f"note: converted {converted} image(s) to {kind}: the model takes {channels} channel(s)")
+    if converted:  # one notice for support and query together (see ``adapt``)
+        notices.append(f"note: converted {converted} image(s)")
     if not arrays:
         return torch.empty(0, channels, size, size), kept, bad
     x = normalize(preprocess_list(arrays, size, spec.get("invert", False)), spec["mean"], spec["std"])
@@ -288,6 +287,12 @@ def adapt(checkpoint: str | Path, support: str | Path, query: str | Path, steps:
                              f"(dataset {spec.get('dataset')!r}): cannot read image files for it")
         sx, sy, names = read_support_folder(support, spec, notices)
         qx, kept, qy, bad = read_query_folder(query, spec, names, notices)
+        converted = [n for n in notices if n.startswith("note: converted ")]
+        if converted:
+            total = sum(int(n.split()[2]) for n in converted)
+            kind = "grayscale" if spec["channels"] == 1 else "RGB"
+            notices[:] = [n for n in notices if n not in converted] + [
+                f"note: converted {total} image(s) to {kind}: the model takes {spec['channels']} channel(s)"]
         if not kept:
             raise ValueError(f"--query {query}: none of its images could be read")
         if note := resize_head(model, len(names)):

@@ -68,14 +68,14 @@ def omni(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoints(omni, tmp_path_factory):
-    """A 5-way FOMAML checkpoint after 20 meta-steps and the same model untrained."""
+    """A 5-way FOMAML checkpoint after 40 meta-steps and the same model untrained."""
     out = tmp_path_factory.mktemp("ckpt")
     dm = omni["dm"]
     torch.manual_seed(0)
     model = MAML(task_spec=dm.task_spec, backbone_kwargs=SMALL, inner_lr=0.4, first_order=True,
                  meta_batch_size=4, meta_lr=0.01, eval_inner_steps=3)
     random = save_checkpoint(model, out / "random.ckpt")
-    for step in range(20):
+    for step in range(40):
         model.outer_update(dm.train_batch(step))
     return {"random": random, "trained": save_checkpoint(model, out / "trained.ckpt")}
 
@@ -227,14 +227,15 @@ def test_inner_lr_and_steps_are_used(omni, checkpoints, tmp_path):
 def test_trained_checkpoint_beats_random_init_on_held_out_characters(omni, checkpoints, tmp_path):
     def accuracy(ckpt: Path) -> float:
         scores = []
-        for t, start in enumerate((0, 10, 20, 30)):  # four 5-way tasks of evaluation characters
+        for t, start in enumerate(range(0, EVALUATION, 5)):  # eight 5-way tasks of unseen characters
             support, query = evaluation_task(omni, tmp_path / f"{ckpt.stem}{t}", list(range(start, start + 5)))
             scores.append(adapt(ckpt, support, query).accuracy)
         return sum(scores) / len(scores)
 
     trained, random = accuracy(checkpoints["trained"]), accuracy(checkpoints["random"])
-    assert trained > 0.55, (trained, random)  # chance: 0.2
-    assert trained > random + 0.1, (trained, random)
+    # Measured: 0.84 trained, 0.70 random init (chance 0.2; these blob characters are easy).
+    assert trained > 0.75, (trained, random)
+    assert trained > random + 0.08, (trained, random)
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -272,7 +273,7 @@ def test_support_folder_errors(omni, checkpoints, tmp_path, capsys):
 
 
 def test_undecodable_query_image_is_named_and_skipped(omni, checkpoints, tmp_path, capsys):
-    support, query = evaluation_task(omni, tmp_path, [0, 1, 2])
+    support, query = evaluation_task(omni, tmp_path, [0, 1, 2, 3, 4])
     bad = query / "char01" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     output = tmp_path / "p.csv"
@@ -281,18 +282,18 @@ def test_undecodable_query_image_is_named_and_skipped(omni, checkpoints, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "skipped query image" in err[0] and str(bad) in err[0]
     rows = read_csv(output)
-    assert len(rows) == 15 and str(bad) not in {r["file"] for r in rows}
+    assert len(rows) == 25 and str(bad) not in {r["file"] for r in rows}
     result = adapt(checkpoints["trained"], support, query)
     assert result.skipped == [str(bad)]
 
 
 def test_rgb_images_into_a_grayscale_model_are_converted(omni, checkpoints, tmp_path):
-    support, query = evaluation_task(omni, tmp_path, [0, 1, 2])
+    support, query = evaluation_task(omni, tmp_path, [0, 1, 2, 3, 4])
     gray = adapt(checkpoints["trained"], support, query)
     for f in list(support.rglob("*.png")) + list(query.rglob("*.png")):
         Image.open(f).convert("RGB").save(f)
     rgb = adapt(checkpoints["trained"], support, query)
-    assert rgb.notices == ["note: converted 18 image(s) to grayscale: the model takes 1 channel(s)"]
+    assert rgb.notices == ["note: converted 30 image(s) to grayscale: the model takes 1 channel(s)"]
     torch.testing.assert_close(rgb.outputs, gray.outputs)
 
 
