@@ -135,8 +135,9 @@ def test_mamlpp_derivative_order_annealing_switches_from_first_to_second_order()
         loss = m.run_tasks(batch, 2, first_order=first_order, training=True)["query_loss"].mean()
         return torch.autograd.grad(loss, list(m.net.parameters()))
 
-    class Epoch:  # the only thing first_order_at reads from a trainer
+    class Epoch:  # what the module reads from a trainer here
         current_epoch = 0
+        precision = "32-true"
 
     model._trainer = Epoch()
     assert model.first_order_at(True) is True
