@@ -480,8 +480,10 @@ def test_pools_and_episodes_live_on_the_data_device(tmp_path, omni_npz, monkeypa
     """Pools move to ``data_device()`` in setup and episodes are built there; the "meta"
     device stands in for a GPU (any host sync or CPU-only op in the sampler would fail)."""
     dm = omniglot(omni_npz, cache_dir=str(tmp_path))
+    dm.sample_tasks("train", torch.Generator().manual_seed(0), 1)  # loads on the CPU, no Trainer yet
+    assert dm.pools["train"].images.device.type == "cpu"
     monkeypatch.setattr(dm, "data_device", lambda: torch.device("meta"))
-    dm.setup()
+    dm.setup()  # as Lightning calls it: the pools follow the training device
     assert all(p.images.device.type == "meta" for p in dm.pools.values())
     for split in ("train", "test"):
         batch = dm.sample_tasks(split, torch.Generator().manual_seed(0), 4)

@@ -82,3 +82,14 @@ def test_bad_data_root_is_a_one_line_cli_error(run_cli, capsys, tmp_path):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and str(tmp_path / "missing") in err[-1]
+
+
+def test_torch_threads_callback(monkeypatch):
+    from lit_meta.callbacks import TorchThreads
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    TorchThreads(1).setup(None, None, "fit")
+    assert calls == [1]
+    with pytest.raises(ValueError, match="num_threads"):
+        TorchThreads(0)

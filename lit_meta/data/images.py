@@ -319,7 +319,9 @@ class ImageEpisodicDataModule(EpisodicDataModule):
         self.build_pools()
 
     def setup(self, stage: str | None = None) -> None:
-        if self.pools:
+        device = self.data_device()
+        if self.pools:  # already loaded (e.g. sampled from before a Trainer was attached): just follow the device
+            self.pools = {s: p.to(device) if p.images.device != device else p for s, p in self.pools.items()}
             return
         pools = self.build_pools()
         for split in SPLITS:
@@ -334,7 +336,6 @@ class ImageEpisodicDataModule(EpisodicDataModule):
                 small = pool.names[int(pool.counts.argmin())]
                 raise ValueError(f"{prefix}shots + {prefix}queries = {shots} + {queries} is more than the "
                                  f"{pool.min_count} images of class {small!r} ({split} split of {self.root})")
-        device = self.data_device()
         self.pools = {s: ClassPool(p.images, p.counts, p.names, s == "train" and self.rotations).to(device)
                       for s, p in pools.items()}
 
