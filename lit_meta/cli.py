@@ -98,8 +98,8 @@ class MetaCLI(LightningCLI):
         checkpoint = self._checkpoint_callback()
         last = Path(checkpoint.dirpath) / "last.ckpt"
         # A last checkpoint whatever the step count: fit may stop between validations.
-        if trainer.is_global_zero or True:
-            trainer.save_checkpoint(last)
+        # Every rank calls it (a collective under DDP); Lightning writes from rank 0.
+        trainer.save_checkpoint(last)
         best = checkpoint.best_model_path or str(last)
         metrics: dict[str, float] = {}
         if self._subcommand_arg("test_after_fit", default=True):
