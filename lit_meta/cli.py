@@ -88,9 +88,30 @@ class MetaCLI(LightningCLI):
             if init is not None and "version" in init and init.get("version") is None:
                 init["version"] = f"slurm_{job}"
 
-    # ---------------------------------------------------------------- fit
+    # ---------------------------------------------------------------- fit / validate / test
     def before_fit(self) -> None:
+        self._check_task_spec()
         self._fit_start = time.perf_counter()
+
+    def before_validate(self) -> None:
+        self._check_task_spec()
+
+    def before_test(self) -> None:
+        self._check_task_spec()
+
+    def _check_task_spec(self) -> None:
+        """A checkpoint meta-tests on any DataModule whose tasks have its shapes (e.g. the
+        Finn-split model on the Lake split); otherwise one line naming the file and option."""
+        path = self._subcommand_arg("ckpt_path")
+        if path is None or path in ("best", "last", "hpc", "registry"):
+            return
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
+        saved_spec, spec = saved.get("task_spec") or {}, self.model.task_spec
+        hints = {"input_shape": "data.image_size / channels", "ways": "data.ways", "kind": "the dataset"}
+        for key, hint in hints.items():
+            if key in saved_spec and key in spec and list(_as_list(saved_spec[key])) != list(_as_list(spec[key])):
+                raise ValueError(f"checkpoint {path} was trained with {key}={saved_spec[key]!r} but the data gives "
+                                 f"{spec[key]!r}: set {hint} to match")
 
     def after_fit(self) -> None:
         trainer, model, dm = self.trainer, self.model, self.datamodule
@@ -139,6 +160,10 @@ class MetaCLI(LightningCLI):
         if callback is None:
             raise ValueError("fit needs checkpointing: do not set trainer.enable_checkpointing=false")
         return callback
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _finish_wandb() -> None:

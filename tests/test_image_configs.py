@@ -93,3 +93,59 @@ def test_torch_threads_callback(monkeypatch):
     assert calls == [1]
     with pytest.raises(ValueError, match="num_threads"):
         TorchThreads(0)
+
+
+def test_checkpoint_meta_tests_on_another_datamodule(run_cli, capsys, tmp_path):
+    """``test --ckpt_path`` of a Finn-split model on the Lake split: the metrics are the
+    checkpoint's accuracy on the Lake test tasks (evaluation characters), recomputed here."""
+    from lit_meta.adapt import load_checkpoint
+    from lit_meta.data import OmniglotDataModule
+
+    root = write_omniglot_npz(tmp_path / "omniglot", omniglot_arrays(background=60, evaluation=40, drawers=20))
+    small = ["--model.init_args.meta_batch_size", "4", "--data.steps_per_epoch", "3", "--data.val_tasks", "2",
+             "--data.test_tasks", "6", "--data.eval_batch_size", "3", "--data.eval_queries", "2"]
+    run_cli("fit", "--config", QUICK, "--data.root", str(root), "--trainer.max_steps", "3",
+            "--test_after_fit", "false", *small)
+    results = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("results: ")).read_text())
+    ckpt = results["last_checkpoint"]
+    assert load_checkpoint(ckpt).task_spec["split"] == "finn"
+
+    run_cli("test", "--config", QUICK, "--data.root", str(root), "--data.split", "lake", "--ckpt_path", ckpt, *small)
+    metrics_csv = sorted((tmp_path / "logs").rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)[-1]
+    logged = {k: float(v) for k, v in zip(*[line.split(",") for line in metrics_csv.read_text().splitlines()[:2]]) if v}
+
+    model = load_checkpoint(ckpt)
+    dm = OmniglotDataModule(str(root), split="lake", meta_batch_size=4, val_tasks=2, test_tasks=6, eval_batch_size=3,
+                            eval_queries=2)
+    dm.setup("test")
+    assert set(dm.pools["test"].names) == {f"images_evaluation/{c}" for c in range(40)}
+    accs = torch.cat([model.run_tasks(dm.eval_batch("test", i), model.eval_inner_steps, first_order=True,
+                                      training=False)["query_acc"] for i in range(2)])
+    assert logged["test/tasks"] == 6
+    assert logged["test/acc"] == pytest.approx(accs.double().mean().item(), abs=1e-6)
+
+
+def test_checkpoint_for_another_image_size_is_a_one_line_error(run_cli, capsys, tmp_path):
+    root = write_omniglot_npz(tmp_path / "omniglot", omniglot_arrays(background=60, evaluation=40, drawers=20))
+    small = ["--model.init_args.meta_batch_size", "4", "--data.steps_per_epoch", "3", "--data.val_tasks", "2",
+             "--data.test_tasks", "4", "--data.eval_batch_size", "2", "--data.eval_queries", "2"]
+    run_cli("fit", "--config", QUICK, "--data.root", str(root), "--trainer.max_steps", "2",
+            "--test_after_fit", "false", *small)
+    ckpt = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("results: ")).read_text())[
+        "last_checkpoint"]
+    with pytest.raises(SystemExit) as exc:
+        run_cli("test", "--config", QUICK, "--data.root", str(root), "--data.image_size", "14", "--ckpt_path", ckpt,
+                *small)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and ckpt in err[-1] and "image_size" in err[-1]
+
+
+def test_checkpoint_with_other_layer_shapes_names_the_parameter():
+    from lit_meta.algorithms import MAML
+    from lit_meta.tasks import task_spec
+
+    spec = task_spec("omniglot", "classification", [1, 28, 28], 5)
+    saved = MAML(task_spec=spec, backbone_kwargs={"filters": 8}).state_dict()
+    with pytest.raises(ValueError, match=r"checkpoint net\.body\.0\.weight has shape \[8, 1, 3, 3\] .* \[16, 1, 3, 3\]"):
+        MAML(task_spec=spec, backbone_kwargs={"filters": 16}).on_load_checkpoint({"state_dict": saved})

@@ -268,6 +268,14 @@ class MetaLearner(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning's own message for this is a multi-line RuntimeError after partial loading.
+        own = self.state_dict()
+        for name, value in checkpoint.get("state_dict", {}).items():
+            if name in own and tuple(own[name].shape) != tuple(value.shape):
+                raise ValueError(f"checkpoint {name} has shape {list(value.shape)} but this model's is "
+                                 f"{list(own[name].shape)}: the model/data options differ from the checkpoint's")
+
     def results_extra(self) -> dict[str, Any]:
         """Protocol facts recorded in results.json beside the metrics."""
         return {"bn": "transductive" if self.transductive else "non-transductive",
