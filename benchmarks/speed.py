@@ -153,7 +153,7 @@ def build_ours(args: argparse.Namespace, dm: EpisodicDataModule, device: torch.d
         cls = algorithms.MAML
     kwargs = dict(task_spec=dm.task_spec, backbone="conv4", inner_lr=args.inner_lr, inner_steps=args.inner_steps,
                   first_order=first_order or args.algorithm == "reptile", meta_batch_size=args.meta_batch_size,
-                  meta_lr=args.meta_lr)
+                  meta_lr=args.meta_lr, task_chunk_size=args.task_chunk_size)
     model = cls(**kwargs).to(device)
     model.configure_optimizers()  # validates the hparams; we build the optimizer ourselves
     opt = (torch.optim.SGD if args.algorithm == "reptile" else torch.optim.Adam)(
@@ -378,7 +378,7 @@ def compare(args: argparse.Namespace, device: torch.device, memory: bool) -> dic
             row["baseline_peak_mem_mb"] = measure_memory(args, "baseline")
     row.update(
         algorithm=args.algorithm, dataset=args.dataset, ways=args.ways, shots=args.shots, queries=args.queries,
-        meta_batch_size=args.meta_batch_size, inner_steps=args.inner_steps,
+        meta_batch_size=args.meta_batch_size, inner_steps=args.inner_steps, task_chunk_size=args.task_chunk_size,
         first_order=args.first_order or args.algorithm in ("fomaml", "reptile"), steps=args.steps, warmup=args.warmup,
         device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, learn2learn=l2l_version,
         data=source, baseline_sampler=args.baseline_sampler if l2l_version else None,
@@ -412,6 +412,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
     p.add_argument("--first-order", action="store_true")
+    p.add_argument("--task-chunk-size", type=int, default=None,
+                   help="ours: adapt and back-propagate this many tasks at a time (bounds memory)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--compare", choices=("learn2learn", "none"), default="learn2learn")

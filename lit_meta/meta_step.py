@@ -89,19 +89,35 @@ class MetaStep:
         ``task_grads`` ({name: [T, ...]} for parameters of ``module``). Returns the weights.
 
         ``optimizer`` defaults to the module's Lightning optimizer, or outside a Trainer to
-        ``module.standalone_optimizer()``; there the backward is a plain ``Tensor.backward``."""
+        ``module.standalone_optimizer()``; there the backward is a plain ``Tensor.backward``.
+        The same update in pieces (bounded memory): ``weights``, ``begin``, one
+        ``accumulate`` per chunk of tasks, ``finish``."""
         contribution = query_losses if query_losses is not None else next(iter(task_grads.values()))
-        num_local = contribution.shape[0]
-        flat = flatten_tasks(inner_updates) if inner_updates and self.weighting != "uniform" else None
-        dtype = torch.promote_types(contribution.dtype, torch.float32)
-        weights = task_weights(self.weighting, flat, num_local, dtype).to(contribution.device)
-        world = dist.get_world_size() if _distributed() else 1
+        weights = self.weights(inner_updates, contribution.shape[0], contribution)
+        optimizer = self.begin(module, optimizer)
+        self.accumulate(module, weights, query_losses, task_grads)
+        self.finish(module, optimizer, weights)
+        return weights
 
+    def weights(self, inner_updates: Params | None, num_local: int, like: Tensor) -> Tensor:
+        """Detached weights of this rank's ``num_local`` tasks (dtype at least fp32, on ``like``'s device)."""
+        flat = flatten_tasks(inner_updates) if inner_updates and self.weighting != "uniform" else None
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return task_weights(self.weighting, flat, num_local, dtype).to(like.device)
+
+    def begin(self, module: "pl.LightningModule",
+              optimizer: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
+        if optimizer is None:
+            optimizer = module.optimizers() if module._trainer is not None else module.standalone_optimizer()
+        optimizer.zero_grad(set_to_none=True)
+        return optimizer
+
+    def accumulate(self, module: "pl.LightningModule", weights: Tensor, query_losses: Tensor | None = None,
+                   task_grads: Params | None = None) -> None:
+        """Add Σ_i w_i × (task i's outer gradient) to ``.grad`` for the tasks given."""
+        world = dist.get_world_size() if _distributed() else 1
         attached = module._trainer is not None
         scaler = _grad_scaler(module) if attached else None
-        if optimizer is None:
-            optimizer = module.optimizers() if attached else module.standalone_optimizer()
-        optimizer.zero_grad(set_to_none=True)
         if query_losses is not None:
             # One backward, one DDP all-reduce. DDP averages over ranks, hence × world.
             loss = world * (weights.to(query_losses.dtype) * query_losses).sum()
@@ -120,6 +136,10 @@ class MetaStep:
                 p = named[name]
                 g = g.to(p.dtype)  # under autocast the inner loop may hand back low-precision updates
                 p.grad = g if p.grad is None else p.grad + g
+
+    def finish(self, module: "pl.LightningModule", optimizer: torch.optim.Optimizer, weights: Tensor) -> None:
+        """Clip, step the meta-optimizer, log the weights."""
+        scaler = _grad_scaler(module) if module._trainer is not None else None
         if self.grad_clip is not None:
             if scaler is not None:
                 scaler.unscale_(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
@@ -130,7 +150,6 @@ class MetaStep:
             # GradScaler found inf/NaN in the fp16 gradients and skipped this step
             self.skipped_steps += 1
         self._log(module, weights)
-        return weights
 
     def _log(self, module: "pl.LightningModule", weights: Tensor) -> None:
         if module._trainer is None:

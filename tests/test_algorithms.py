@@ -177,3 +177,37 @@ def test_non_transductive_evaluation_predicts_each_query_beside_the_support_set(
         torch.testing.assert_close(preds[j], alone, rtol=1e-4, atol=1e-5)
     transductive = model.net(batch.query_x[0])
     assert not torch.allclose(preds, transductive, atol=1e-3)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "gradient_agreement"])
+@pytest.mark.parametrize("cls,kw", [(MAML, {}), (MetaSGD, {}), (MAMLpp, {"bnrs": True, "bnwb": True})],
+                         ids=["maml", "metasgd", "mamlpp"])
+def test_task_chunks_give_the_whole_batch_meta_step(cls, kw, weighting):
+    """Back-propagating 5 tasks in chunks of 2 writes the same second-order meta-gradient
+    (and, for MAML++, the same running statistics) as one vmap over all 5, and the same step."""
+    batch = image_batch(tasks=5)
+    models = {}
+    for chunk in (None, 2):
+        torch.manual_seed(0)
+        model = small(cls, spec=IMAGES, inner_steps=2, inner_lr=0.3, weighting=weighting, task_chunk_size=chunk,
+                      **kw).double()
+        model.standalone_optimizer = lambda m=model: torch.optim.SGD(m.parameters(), lr=0.1)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        out = model.outer_update(TaskBatch(*(t.double() if t.is_floating_point() else t for t in
+                                             (batch.support_x, batch.support_y, batch.query_x, batch.query_y))))
+        models[chunk] = (model, before, out)
+    (whole, before, out), (chunked, _, out_c) = models[None], models[2]
+    for name, p in whole.named_parameters():
+        torch.testing.assert_close(dict(chunked.named_parameters())[name], p, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(dict(chunked.named_parameters())[name].grad, p.grad, rtol=1e-10, atol=1e-12)
+    # (a conv bias that feeds batch norm, and its learned rate, get exactly zero meta-gradient)
+    assert sum(p.grad.abs().sum() > 0 for p in whole.parameters()) >= len(list(whole.parameters())) // 2
+    assert any(not torch.equal(p, before[n]) for n, p in whole.named_parameters())
+    torch.testing.assert_close(out_c["query_loss"], out["query_loss"].detach())
+    for name, buffer in whole.named_buffers():
+        torch.testing.assert_close(dict(chunked.named_buffers())[name], buffer)
+
+
+def test_task_chunk_size_must_be_positive():
+    with pytest.raises(ValueError, match="task_chunk_size must be >= 1"):
+        small(MAML, task_chunk_size=0)

@@ -24,6 +24,9 @@ ALGORITHMS = {
     "fomaml": (MAML, {"first_order": True}),
     "reptile": (Reptile, {"inner_optimizer": "sgd", "inner_lr": 0.02, "inner_steps": 3}),
     "maml_ga": (MAML, {"weighting": "gradient_agreement"}),
+    # one manual_backward (one DDP all-reduce) per chunk of 5 of the rank's 16 tasks
+    "maml_chunked": (MAML, {"first_order": False, "task_chunk_size": 5}),
+    "maml_ga_chunked": (MAML, {"weighting": "gradient_agreement", "task_chunk_size": 5}),
 }
 
 

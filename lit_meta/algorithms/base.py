@@ -70,6 +70,8 @@ class MetaLearner(pl.LightningModule):
             raise ValueError(f"meta_optimizer must be one of {META_OPTIMIZERS}, got {meta_optimizer!r}")
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        if task_chunk_size is not None and task_chunk_size < 1:
+            raise ValueError(f"task_chunk_size must be >= 1 or null, got {task_chunk_size}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.task_spec = task_spec
@@ -80,6 +82,8 @@ class MetaLearner(pl.LightningModule):
         self.first_order = first_order
         self.meta_batch_size = meta_batch_size
         self.meta_step = MetaStep(weighting, grad_clip)
+        # Tasks adapted (and, in training, back-propagated) together. None: the whole
+        # meta-batch in one vmap, fastest; k: peak memory of k tasks' graphs, same gradient.
         self.task_chunk_size = task_chunk_size
         # Transductive: the query set is normalised with its own batch statistics (as the
         # MAML papers evaluated). Otherwise each query example is predicted alone beside
@@ -100,9 +104,35 @@ class MetaLearner(pl.LightningModule):
         return self.first_order or not training
 
     def outer_update(self, batch: TaskBatch) -> dict[str, Tensor]:
-        """Adapt the batch's tasks and step the meta-optimizer. MAML: query losses."""
-        out = self.run_tasks(batch, self.inner_steps, first_order=self.first_order_at(True), training=True)
-        self.meta_step(self, out["updates"], query_losses=out["query_loss"])
+        """Adapt the batch's tasks and step the meta-optimizer. MAML: query losses.
+
+        With ``task_chunk_size`` k below the meta-batch, each chunk of k tasks is adapted
+        and back-propagated before the next, so only one chunk's second-order graph is
+        alive; ``.grad`` accumulates the same Σ_i w_i ∇L_i."""
+        steps, first_order = self.inner_steps, self.first_order_at(True)
+        chunk = self.task_chunk_size
+        if chunk is None or chunk >= batch.num_tasks:
+            out = self.run_tasks(batch, steps, first_order=first_order, training=True)
+            self.meta_step(self, out["updates"], query_losses=out["query_loss"])
+            return out
+        updates = None
+        if self.meta_step.weighting != "uniform":
+            # Gradient Agreement needs every task's update before the first backward. The
+            # updates' values do not depend on the graph, so a graph-free pass finds them.
+            updates = self.run_tasks(batch, steps, first_order=True, training=True, differentiable=False,
+                                     absorb=False)["updates"]
+        weights = self.meta_step.weights(updates, batch.num_tasks, batch.query_x)
+        optimizer = self.meta_step.begin(self)
+        outs = []
+        for start in range(0, batch.num_tasks, chunk):
+            out = self.run_tasks(batch.slice(start, start + chunk), steps, first_order=first_order, training=True,
+                                 absorb=False)
+            self.meta_step.accumulate(self, weights[start:start + chunk], query_losses=out["query_loss"])
+            out["query_loss"] = out["query_loss"].detach()
+            outs.append(out)
+        out = _cat_task_outputs(outs)
+        self.absorb_task_outputs(out)
+        self.meta_step.finish(self, optimizer, weights)
         return out
 
     # ------------------------------------------------------------------ the per-task function
@@ -189,16 +219,17 @@ class MetaLearner(pl.LightningModule):
         return out
 
     def run_tasks(self, batch: TaskBatch, steps: int, first_order: bool, training: bool,
-                  differentiable: bool | None = None) -> dict[str, Any]:
+                  differentiable: bool | None = None, absorb: bool = True) -> dict[str, Any]:
         """vmap ``task_outputs`` over the tasks. ``differentiable`` (default: ``training``)
-        keeps the graph to θ; algorithms whose outer step needs no backward turn it off."""
+        keeps the graph to θ; algorithms whose outer step needs no backward turn it off.
+        ``absorb``: hand training outputs to ``absorb_task_outputs`` (once per meta-batch)."""
         params = self.inner_params()
         if not (training if differentiable is None else differentiable):
             params = {n: p.detach() for n, p in params.items()}
         fn = partial(self.task_outputs, steps=steps, first_order=first_order, training=training)
         batched = vmap(fn, in_dims=(None, 0, 0, 0, 0), randomness="different", chunk_size=self.task_chunk_size)
         out = batched(params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        if training:
+        if training and absorb:
             self.absorb_task_outputs(out)
         return out
 
@@ -329,3 +360,11 @@ class MetaLearner(pl.LightningModule):
         metric, mode = self.monitor
         return [ModelCheckpoint(monitor=metric, mode=mode, save_last=True,
                                 filename="best-{step}", auto_insert_metric_name=False)]
+
+
+def _cat_task_outputs(outs: list[Any]) -> Any:
+    """Concatenate per-chunk ``run_tasks`` outputs (nested dicts of [tasks, ...] tensors)."""
+    first = outs[0]
+    if isinstance(first, dict):
+        return {k: _cat_task_outputs([o[k] for o in outs]) for k in first}
+    return torch.cat(outs)
