@@ -152,7 +152,7 @@ class MetaStep:
         self._log(module, weights)
 
     def _log(self, module: "pl.LightningModule", weights: Tensor) -> None:
-        if module._trainer is None:
+        if module._trainer is None or not getattr(module, "logging_step", lambda: True)():
             return
         w = weights.detach().float()
         module.log_dict(

@@ -106,3 +106,15 @@ def test_wandb_offline_run_holds_logged_metrics(run_cli, capsys, monkeypatch, tm
     records = runs[0].read_bytes()
     for key in (b"train/mse", b"val/mse_after", b"test/mse_after", b"meta/weight_spread"):
         assert key in records
+
+
+def test_training_values_reach_the_log_every_n_steps(run_cli, capsys, tmp_path):
+    """Training values are computed for the logger only on the steps it writes (self.log is
+    costly), and every written step has the loss and the task-weight statistics."""
+    import csv
+
+    run_cli("fit", *sine_config(), "--test_after_fit", "false")
+    rows = list(csv.DictReader(next((tmp_path / "logs").rglob("metrics.csv")).open()))
+    train = [r for r in rows if r.get("train/mse")]
+    assert [int(r["step"]) for r in train] == [4, 9, 14, 19]
+    assert all(r["meta/weight_spread"] != "" for r in train)

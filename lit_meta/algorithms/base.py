@@ -241,12 +241,27 @@ class MetaLearner(pl.LightningModule):
         if self.trainer is not None and getattr(self.trainer, "_inference_mode", False):
             raise ValueError("evaluation adapts with gradients: run the Trainer with inference_mode=False")
 
+    def logging_step(self) -> bool:
+        """Whether this training step's values reach a logger or the progress bar.
+
+        ``self.log`` costs ~0.7 ms a call whether or not the value is written: on sine,
+        five calls a step were half the Trainer's time. Steps whose values only the
+        logger would see (every ``log_every_n_steps``-th is written) skip them."""
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        if trainer.progress_bar_callback is not None:
+            return True
+        # called after the meta-optimizer stepped, so global_step counts this step
+        return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 or trainer.should_stop
+
     def training_step(self, batch: TaskBatch, batch_idx: int) -> None:
         out = self.outer_update(batch)
-        metric = "mse" if self.regression else "loss"
-        self.log(f"train/{metric}", out["final_query_loss"].mean(), prog_bar=True)
-        if not self.regression:
-            self.log("train/acc", out["query_acc"].mean(), prog_bar=True)
+        if self.logging_step():
+            metric = "mse" if self.regression else "loss"
+            self.log(f"train/{metric}", out["final_query_loss"].mean(), prog_bar=True)
+            if not self.regression:
+                self.log("train/acc", out["query_acc"].mean(), prog_bar=True)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
