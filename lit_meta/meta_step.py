@@ -75,7 +75,12 @@ class MetaStep:
             raise ValueError(f"grad_clip must be > 0, got {grad_clip}")
         self.weighting = weighting
         self.grad_clip = grad_clip
-        self.skipped_steps = 0
+        self._skipped: Tensor | int = 0  # a device tensor under 16-mixed: no host sync per step
+
+    @property
+    def skipped_steps(self) -> int:
+        """Meta-steps GradScaler skipped for inf/NaN gradients (reading it syncs the device)."""
+        return int(self._skipped)
 
     def __call__(
         self,
@@ -123,14 +128,13 @@ class MetaStep:
             loss = world * (weights.to(query_losses.dtype) * query_losses).sum()
             module.manual_backward(loss) if attached else loss.backward()
         if task_grads is not None:
-            if scaler is not None and query_losses is None:
-                scaler.scale(torch.zeros(()))  # no scaled backward ran: this initialises the scale
             named = dict(module.named_parameters())
             for name, per_task in task_grads.items():
                 g = torch.einsum("t,t...->...", weights.to(per_task.dtype), per_task.detach())
                 if scaler is not None:
                     # the scaler's step unscales every .grad, so written ones must be scaled too
-                    g = g * scaler.get_scale()
+                    # (scale() multiplies on the device: get_scale() would sync the host)
+                    g = scaler.scale(g)
                 if world > 1:
                     dist.all_reduce(g)
                 p = named[name]
@@ -144,11 +148,13 @@ class MetaStep:
             if scaler is not None:
                 scaler.unscale_(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
             torch.nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
-        scale = scaler.get_scale() if scaler is not None else None
+        scale = getattr(scaler, "_scale", None)
+        scale = scale.clone() if scale is not None else None
         optimizer.step()
-        if scaler is not None and scaler.get_scale() < scale:
-            # GradScaler found inf/NaN in the fp16 gradients and skipped this step
-            self.skipped_steps += 1
+        if scale is not None:
+            # GradScaler lowers its scale when it finds inf/NaN in the fp16 gradients and
+            # skips the step; compared on the device, so a CUDA step never waits on the host
+            self._skipped = self._skipped + (scaler._scale < scale).to(torch.int64)
         self._log(module, weights)
 
     def _log(self, module: "pl.LightningModule", weights: Tensor) -> None:
@@ -157,7 +163,7 @@ class MetaStep:
         w = weights.detach().float()
         module.log_dict(
             {"meta/weight_min": w.min(), "meta/weight_max": w.max(), "meta/weight_spread": w.max() - w.min(),
-             "meta/skipped_steps": float(self.skipped_steps)},
+             "meta/skipped_steps": torch.as_tensor(self._skipped, dtype=torch.float32)},
             on_step=True,
             on_epoch=False,
         )
