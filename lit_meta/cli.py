@@ -109,7 +109,7 @@ class MetaCLI(LightningCLI):
         saved_spec, spec = saved.get("task_spec") or {}, self.model.task_spec
         hints = {"input_shape": "data.image_size / channels", "ways": "data.ways", "kind": "the dataset"}
         for key, hint in hints.items():
-            if key in saved_spec and key in spec and list(_as_list(saved_spec[key])) != list(_as_list(spec[key])):
+            if key in saved_spec and key in spec and _as_list(saved_spec[key]) != _as_list(spec[key]):
                 raise ValueError(f"checkpoint {path} was trained with {key}={saved_spec[key]!r} but the data gives "
                                  f"{spec[key]!r}: set {hint} to match")
 

@@ -18,6 +18,16 @@ def _seed_and_threads():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread: these tests run tiny tensors, where a second OpenMP thread only adds
+    sync cost, and on a busy 2-core machine stalls on every op (see docs/RESULTS.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def run_cli(tmp_path, monkeypatch):
     """Run ``train.py`` in-process with the working directory at ``tmp_path``."""
     from lit_meta.cli import main

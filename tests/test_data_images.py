@@ -27,13 +27,7 @@ from lit_meta.data.images import ClassPool, images_from_files, preprocess, sampl
 from tests.conftest import OMNIGLOT as REAL_OMNIGLOT
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds sync cost, and on a shared CPU much more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def omniglot(root: Path, **kwargs) -> OmniglotDataModule:

@@ -11,13 +11,7 @@ import yaml
 from tests.conftest import REPO
 from tests.image_data_fixtures import mini_arrays, omniglot_arrays, write_mini_pickles, write_omniglot_npz
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds sync cost, and on a shared CPU much more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # Finn et al. 2017, appendix A.1: (inner_lr, inner_steps, eval_inner_steps, meta_batch_size)

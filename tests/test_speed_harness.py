@@ -27,14 +27,7 @@ def speed():
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread here: two OpenMP threads on a busy 2-core machine stall on every
-    small op (see docs/RESULTS.md), which turns seconds into minutes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("extra", [[], ["--algorithm", "fomaml", "--baseline-sampler", "taskdataset"]])
