@@ -1,0 +1,64 @@
+"""Where a meta-training step's time goes, ours and learn2learn's, by ATen operator.
+
+    python benchmarks/profile_step.py --threads 1 --steps 5
+
+Builds both sides exactly as ``benchmarks/speed.py`` does (same flags, same network, same
+tasks), runs ``--warmup`` steps, then profiles ``--steps`` steps of each side with
+``torch.profiler`` (CPU activities, no shapes). Prints one JSON line per side: profiled
+ms per step, the convolution kernels' self time per step (``mkldnn_convolution``,
+``convolution_backward`` and the ``convolution`` wrappers' own time), the share of that
+in the step, and the ten operators with the most self time.
+
+Why: a speed target is a claim about the whole step; the convolution share says how much
+of it any change outside the convolution kernels can still remove.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402
+
+CONVOLUTION_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
+                   "aten::convolution", "aten::thnn_conv2d", "aten::_slow_conv2d_forward",
+                   "aten::_slow_conv2d_backward")
+
+
+def profile_side(step, warmup: int, steps: int) -> dict:
+    for _ in range(warmup):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    rows = [(e.key, e.self_cpu_time_total / 1e3 / steps) for e in prof.key_averages()]
+    total = sum(ms for _, ms in rows)
+    conv = sum(ms for key, ms in rows if key in CONVOLUTION_OPS)
+    top = sorted(rows, key=lambda r: -r[1])[:10]
+    return {"step_ms": round(total, 1), "convolution_ms": round(conv, 1),
+            "convolution_share": round(conv / total, 3),
+            "top_self_ms": {key: round(ms, 1) for key, ms in top}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = speed.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type != "cpu":
+        raise SystemExit(f"--device {args.device}: this profile reads CPU self time; use the CPU")
+    sides = {"ours": speed.setup_side(args, "ours", device)[1]}
+    if args.compare == "learn2learn":
+        sides["learn2learn"] = speed.setup_side(args, "baseline", device)[1]
+    for name, step in sides.items():
+        result = profile_side(step, args.warmup, args.steps)
+        print(json.dumps({"side": name, "algorithm": args.algorithm, "meta_batch_size": args.meta_batch_size,
+                          "inner_steps": args.inner_steps, "threads": torch.get_num_threads(), **result}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""benchmarks/profile_step.py attributes a step's time to the convolution kernels or not."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+PROFILE = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_step.py"
+
+
+@pytest.fixture(scope="module")
+def profile_step():
+    spec = importlib.util.spec_from_file_location("lit_meta_profile_step", PROFILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_convolution_share_separates_convolution_from_elementwise_work(profile_step, one_thread):
+    x = torch.randn(8, 16, 32, 32, requires_grad=True)
+    weight = torch.randn(16, 16, 3, 3, requires_grad=True)
+
+    def convolutions() -> None:
+        F.conv2d(x, weight, padding=1).sum().backward()
+
+    def elementwise() -> None:
+        (x * 2.0 + 1.0).relu().sum().backward()
+
+    conv = profile_step.profile_side(convolutions, warmup=1, steps=3)
+    other = profile_step.profile_side(elementwise, warmup=1, steps=3)
+    assert conv["convolution_share"] > 0.7, conv
+    assert other["convolution_ms"] == 0.0 and other["convolution_share"] == 0.0, other
+    assert conv["step_ms"] > 0 and "aten::convolution_backward" in conv["top_self_ms"]
