@@ -55,12 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type != "cpu":
         raise SystemExit(f"--device {args.device}: this profile reads CPU self time; use the CPU")
-    sides = {"ours": speed.setup_side(args, "ours", device)[1]}
-    if args.compare == "learn2learn":
-        sides["learn2learn"] = speed.setup_side(args, "baseline", device)[1]
+    sides, _, _ = speed.build_sides(args, device)
     for name, step in sides.items():
         result = profile_side(step, args.warmup, args.steps)
-        print(json.dumps({"side": name, "algorithm": args.algorithm, "meta_batch_size": args.meta_batch_size,
+        print(json.dumps({"side": "learn2learn" if name == "baseline" else name, "algorithm": args.algorithm, "meta_batch_size": args.meta_batch_size,
                           "inner_steps": args.inner_steps, "threads": torch.get_num_threads(), **result}))
 
 

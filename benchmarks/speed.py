@@ -347,17 +347,22 @@ def measure_memory(args: argparse.Namespace, side: str) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mem_mb"]
 
 
-def compare(args: argparse.Namespace, device: torch.device, memory: bool) -> dict[str, Any]:
+def build_sides(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Callable[[], None]], str | None, str]:
+    """Our step and, with ``--compare learn2learn``, learn2learn's: one data build, the
+    same initial weights. Returns the steps by side, learn2learn's version, the data source."""
     torch.manual_seed(args.seed)
     dm, images, source = build_data(args, device)
     model, ours = build_ours(args, dm, device)
     sides = {"ours": ours}
     l2l_version = None
     if args.compare == "learn2learn":
-        l2l = import_learn2learn()
-        l2l_version = l2l.__version__
-        _, baseline = build_l2l(args, model.net, images, device, args.baseline_sampler)
-        sides["baseline"] = baseline
+        l2l_version = import_learn2learn().__version__
+        sides["baseline"] = build_l2l(args, model.net, images, device, args.baseline_sampler)[1]
+    return sides, l2l_version, source
+
+
+def compare(args: argparse.Namespace, device: torch.device, memory: bool) -> dict[str, Any]:
+    sides, l2l_version, source = build_sides(args, device)
     result = interleave(sides, args.steps, args.warmup, device)
     tasks = args.meta_batch_size * args.steps
     row: dict[str, Any] = {

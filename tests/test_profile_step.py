@@ -1,22 +1,16 @@
 """benchmarks/profile_step.py attributes a step's time to the convolution kernels or not."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-PROFILE = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_step.py"
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def profile_step():
-    spec = importlib.util.spec_from_file_location("lit_meta_profile_step", PROFILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("profile_step")
 
 
 def test_convolution_share_separates_convolution_from_elementwise_work(profile_step, one_thread):

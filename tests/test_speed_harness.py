@@ -6,25 +6,20 @@ Skipped without learn2learn (``bash benchmarks/install_learn2learn.sh``).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-l2l = pytest.importorskip("learn2learn")
+from tests.conftest import load_benchmark
 
-SPEED = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
+l2l = pytest.importorskip("learn2learn")
 
 
 @pytest.fixture(scope="module")
 def speed():
-    spec = importlib.util.spec_from_file_location("lit_meta_speed_benchmark", SPEED)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("speed")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
