@@ -13,32 +13,28 @@
 Images go through the pipeline stored in the checkpoint's ``task_spec`` (decode, ink
 inversion, resize, normalisation: ``lit_meta.data.images``), so a task's original files
 give the tensors the DataModule gave in training. Adaptation is the checkpoint's own
-inner loop (``MetaLearner.adapt_task``: its update rule and learned rates, its BatchNorm
-mode) for its test-time step count unless ``steps`` is given.
+inner loop and evaluation mode (``MetaLearner.adapt_and_predict``: its update rule and
+learned rates, its BatchNorm mode) for its test-time step count unless ``steps`` is given.
 
 When the support set has another number of classes than the checkpoint's head, the
-head is replaced by a zero-initialised one of the right width (with zero weights every
-class starts equal and the first inner step moves each row towards its class's mean
-feature); Meta-SGD's learned rates for the head take the mean of the learned rows.
+model gets a zero-initialised head of the right width (``MetaLearner.resize_head``).
+This module only reads the files, calls the model and writes the predictions.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lit_meta.algorithms.base import MetaLearner
-from lit_meta.data.images import IMAGE_EXTENSIONS, decode_image, normalize, preprocess_list
-
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+from lit_meta.checkpoint import load_checkpoint
+from lit_meta.data.images import IMAGE_EXTENSIONS, ImageFiles, images_from_files
 
 
 @dataclass
@@ -70,67 +66,6 @@ class AdaptResult:
             writer.writerows(self.rows())
 
 
-# ---------------------------------------------------------------------------- checkpoint
-def load_checkpoint(path: str | Path, device: str = "cpu") -> MetaLearner:
-    """The module saved in ``path`` (its own class, from the hparams LightningCLI saved)."""
-    from lit_meta.cli import check_checkpoint
-
-    check_checkpoint(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        hparams = dict(checkpoint["hyper_parameters"])
-        class_path = hparams.get("_class_path")
-        if class_path is None:
-            raise KeyError("_class_path")
-        module, _, name = class_path.rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-    except Exception as error:  # pickling, missing keys, a class that no longer exists
-        raise ValueError(f"cannot load a lit_meta model from checkpoint {path}: {error!r}") from None
-    if not (isinstance(cls, type) and issubclass(cls, MetaLearner)):
-        raise ValueError(f"checkpoint {path} holds {class_path}, not a lit_meta MetaLearner")
-    model = cls.load_from_checkpoint(path, map_location="cpu")
-    if "optimizee" in model.task_spec:
-        raise ValueError(f"checkpoint {path} is a learned optimizer ({class_path}): there is no task to adapt it to")
-    return model.to(device).eval()
-
-
-def resize_head(model: MetaLearner, ways: int) -> str | None:
-    """Give ``model`` a zero-initialised head with ``ways`` outputs if it has another width."""
-    head = model.net.head
-    if head.out_features == ways:
-        return None
-    old = head.out_features
-    new = nn.Linear(head.in_features, ways, device=head.weight.device, dtype=head.weight.dtype)
-    nn.init.zeros_(new.weight)
-    nn.init.zeros_(new.bias)
-    model.net.head = new
-    rates = getattr(model, "inner_lrs", None)
-    for name in ("head.weight", "head.bias"):
-        key = name.replace(".", "__")
-        if rates is not None and key in rates and rates[key].shape[:1] == (old,):
-            # Meta-SGD: a learned rate per head entry; new rows take the mean learned row.
-            row = rates[key].detach().mean(0, keepdim=True)
-            rates[key] = nn.Parameter(row.expand(ways, *row.shape[1:]).clone(), requires_grad=False)
-    return (f"note: the checkpoint has {old} classes, the support set {ways}: "
-            f"adapting a new zero-initialised {ways}-way head")
-
-
-def set_inner_lr(model: MetaLearner, inner_lr: float) -> str | None:
-    """Override the inner rate: the SGD/Adam rate, or every learned rate (Meta-SGD, MAML++)."""
-    if inner_lr <= 0 or not math.isfinite(inner_lr):
-        raise ValueError(f"--inner_lr must be > 0, got {inner_lr}")
-    if hasattr(model, "meta_learner"):
-        raise ValueError(f"--inner_lr does not apply to {model.algorithm}: its LSTM computes the inner steps")
-    model.inner_lr = inner_lr
-    rates = getattr(model, "inner_lrs", None)
-    if rates is None:
-        return None
-    with torch.no_grad():
-        for p in rates.values():
-            p.fill_(inner_lr)
-    return f"note: --inner_lr {inner_lr} replaces the learned inner rates of {model.algorithm}"
-
-
 # ---------------------------------------------------------------------------- files
 def _images_in(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
@@ -140,43 +75,8 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _source_is_gray(path: Path) -> bool | None:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.mode in GRAY_MODES
-    except Exception:
-        return None  # decode_image will name it
-
-
-def load_images(paths: list[Path], spec: dict[str, Any], skip_bad: bool,
-                notices: list[str]) -> tuple[Tensor, list[Path], list[str]]:
-    """Files -> normalised ``[N, C, S, S]`` exactly as ``lit_meta.data.images.images_from_files``
-    (decode, invert, resize, normalise), but one unreadable file is skipped (``skip_bad``) and
-    channel conversions are reported."""
-    channels, size = spec["channels"], spec["image_size"]
-    arrays, kept, bad, converted = [], [], [], 0
-    for path in paths:
-        try:
-            arrays.append(decode_image(path, channels))
-        except ValueError as error:
-            if not skip_bad:
-                raise
-            bad.append(str(path))
-            notices.append(f"warning: skipped query image, {error}")
-            continue
-        kept.append(path)
-        converted += _source_is_gray(path) is (channels == 3)
-    if converted:  # one notice for support and query together (see ``adapt``)
-        notices.append(f"note: converted {converted} image(s)")
-    if not arrays:
-        return torch.empty(0, channels, size, size), kept, bad
-    x = normalize(preprocess_list(arrays, size, spec.get("invert", False)), spec["mean"], spec["std"])
-    return x, kept, bad
-
-
-def read_support_folder(folder: Path, spec: dict[str, Any], notices: list[str]) -> tuple[Tensor, Tensor, list[str]]:
+def read_support_folder(folder: Path, spec: dict[str, Any]) -> tuple[ImageFiles, Tensor, list[str]]:
+    """Class sub-folders -> images, labels (sorted folder order) and the class names."""
     if not folder.is_dir():
         raise ValueError(f"--support folder not found: {folder}")
     classes = _class_folders(folder)
@@ -190,29 +90,27 @@ def read_support_folder(folder: Path, spec: dict[str, Any], notices: list[str]) 
             raise ValueError(f"support class folder has no images ({'/'.join(IMAGE_EXTENSIONS)}): {directory}")
         files += images
         labels += [label] * len(images)
-    x, _, _ = load_images(files, spec, skip_bad=False, notices=notices)
-    return x, torch.tensor(labels), [c.name for c in classes]
+    return images_from_files(files, spec), torch.tensor(labels), [c.name for c in classes]
 
 
-def read_query_folder(folder: Path, spec: dict[str, Any], names: list[str],
-                      notices: list[str]) -> tuple[Tensor, list[Path], Tensor | None, list[str]]:
+def read_query_folder(folder: Path, spec: dict[str, Any], names: list[str]) -> tuple[ImageFiles, Tensor | None]:
+    """Loose images (unlabelled) or class sub-folders (labels: indices into ``names``);
+    unreadable images are skipped."""
     if not folder.is_dir():
         raise ValueError(f"--query folder not found: {folder}")
     loose, classes = _images_in(folder), _class_folders(folder)
     if loose and classes:
         raise ValueError(f"--query {folder} mixes images and class sub-folders: use one or the other")
     if loose:
-        x, kept, bad = load_images(loose, spec, skip_bad=True, notices=notices)
-        return x, kept, None, bad
+        return images_from_files(loose, spec, skip_unreadable=True), None
     unknown = [c.name for c in classes if c.name not in names]
     if unknown:
         raise ValueError(f"--query class folder {unknown[0]!r} is not a support class ({', '.join(names)})")
     files = [f for c in classes for f in _images_in(c)]
     if not files:
         raise ValueError(f"--query {folder} has no images ({'/'.join(IMAGE_EXTENSIONS)}) in it or its sub-folders")
-    x, kept, bad = load_images(files, spec, skip_bad=True, notices=notices)
-    labels = torch.tensor([names.index(f.parent.name) for f in kept], dtype=torch.long)
-    return x, kept, labels, bad
+    read = images_from_files(files, spec, skip_unreadable=True)
+    return read, torch.tensor([names.index(f.parent.name) for f in read.files], dtype=torch.long)
 
 
 def read_xy_csv(path: Path, dim: int, option: str, need_y: bool) -> tuple[Tensor, Tensor | None]:
@@ -239,20 +137,6 @@ def read_xy_csv(path: Path, dim: int, option: str, need_y: bool) -> tuple[Tensor
 
 
 # ---------------------------------------------------------------------------- adaptation
-def adapt_tensors(model: MetaLearner, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                  steps: int | None = None) -> Tensor:
-    """One task through the model's own inner loop and prediction: query outputs ``[n, ...]``."""
-    steps = model.eval_inner_steps if steps is None else steps
-    # Per-step running statistics (MAML++ BNRS) serve non-transductive evaluation, as in testing.
-    if hasattr(model, "_use_running_stats"):
-        model._use_running_stats(not model.transductive)
-    params = {n: p.detach() for n, p in model.inner_params().items()}
-    with torch.enable_grad():
-        adapted = model.adapt_task(params, support_x, support_y, steps, first_order=True, training=False)
-        out = model.predict(adapted.params, support_x, query_x, steps, training=False)
-    return out.detach()
-
-
 def adapt(checkpoint: str | Path, support: str | Path, query: str | Path, steps: int | None = None,
           inner_lr: float | None = None, device: str = "cpu",
           notify: Callable[[str], None] | None = None) -> AdaptResult:
@@ -267,15 +151,18 @@ def adapt(checkpoint: str | Path, support: str | Path, query: str | Path, steps:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available")
     model = load_checkpoint(checkpoint, device)
+    if not isinstance(model, MetaLearner):
+        raise ValueError(f"checkpoint {checkpoint} is a learned optimizer ({type(model).__name__}): "
+                         "there is no task to adapt it to")
     notices: list[str] = []
-    if inner_lr is not None and (note := set_inner_lr(model, inner_lr)):
-        notices.append(note)
+    if inner_lr is not None and model.set_inner_lr(inner_lr):
+        notices.append(f"note: --inner_lr {inner_lr} replaces the learned inner rates of {model.algorithm}")
     spec = model.task_spec
     support, query = Path(support), Path(query)
     if model.regression:
         sx, sy = read_xy_csv(support, spec["input_shape"][0], "--support", need_y=True)
         qx, qy = read_xy_csv(query, spec["input_shape"][0], "--query", need_y=False)
-        out = adapt_tensors(model, sx.to(device), sy.to(device), qx.to(device), steps).cpu()
+        out = model.adapt_and_predict(sx.to(device), sy.to(device), qx.to(device), steps).cpu()
         mse = None if qy is None else float(((out - qy) ** 2).mean())
         files = [",".join(f"{v:g}" for v in row) for row in qx.tolist()]
         result = AdaptResult(files, [round(float(v), 6) for v in out[:, 0]],
@@ -285,24 +172,26 @@ def adapt(checkpoint: str | Path, support: str | Path, query: str | Path, steps:
         if "image_size" not in spec:
             raise ValueError(f"checkpoint {checkpoint} has no image pipeline in its task_spec "
                              f"(dataset {spec.get('dataset')!r}): cannot read image files for it")
-        sx, sy, names = read_support_folder(support, spec, notices)
-        qx, kept, qy, bad = read_query_folder(query, spec, names, notices)
-        converted = [n for n in notices if n.startswith("note: converted ")]
-        if converted:
-            total = sum(int(n.split()[2]) for n in converted)
-            kind = "grayscale" if spec["channels"] == 1 else "RGB"
-            notices[:] = [n for n in notices if n not in converted] + [
-                f"note: converted {total} image(s) to {kind}: the model takes {spec['channels']} channel(s)"]
-        if not kept:
+        support_images, sy, names = read_support_folder(support, spec)
+        query_images, qy = read_query_folder(query, spec, names)
+        notices += [f"warning: skipped query image, {reason}" for reason in query_images.unreadable.values()]
+        if not query_images.files:
             raise ValueError(f"--query {query}: none of its images could be read")
-        if note := resize_head(model, len(names)):
-            notices.insert(0, note)
-        logits = adapt_tensors(model, sx.to(device), sy.to(device), qx.to(device), steps).cpu()
+        converted = support_images.converted + query_images.converted
+        if converted:
+            kind = "grayscale" if spec["channels"] == 1 else "RGB"
+            notices.append(f"note: converted {converted} image(s) to {kind}: "
+                           f"the model takes {spec['channels']} channel(s)")
+        if (old := model.resize_head(len(names))) != len(names):
+            notices.insert(0, f"note: the checkpoint has {old} classes, the support set {len(names)}: "
+                              f"adapting a new zero-initialised {len(names)}-way head")
+        logits = model.adapt_and_predict(support_images.images.to(device), sy.to(device),
+                                         query_images.images.to(device), steps).cpu()
         predicted = logits.argmax(-1)
         accuracy = None if qy is None else float((predicted == qy).float().mean())
-        result = AdaptResult([str(f) for f in kept], [names[i] for i in predicted.tolist()],
+        result = AdaptResult([str(f) for f in query_images.files], [names[i] for i in predicted.tolist()],
                              None if qy is None else [names[i] for i in qy.tolist()], logits,
-                             accuracy=accuracy, notices=notices, skipped=bad)
+                             accuracy=accuracy, notices=notices, skipped=list(query_images.unreadable))
     if notify is not None:
         for note in notices:
             notify(note)

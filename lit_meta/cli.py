@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,29 +20,13 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
-from lit_meta.algorithms.base import MetaLearner
+from lit_meta.algorithms.meta_module import MetaModule
+from lit_meta.checkpoint import SPECIAL_PATHS, check_task_spec, read_hparams, saved_class
 from lit_meta.data.base import EpisodicDataModule
 from lit_meta.loggers import slurm_run_id
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "sine" / "maml.yaml"
-
-
-def check_checkpoint(path: str | os.PathLike | None) -> None:
-    """Fail with one line naming ``path`` if it is not a readable checkpoint."""
-    if path is None or path in ("best", "last", "hpc", "registry"):
-        return
-    if not Path(path).is_file():
-        raise ValueError(f"checkpoint file not found: {path}")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"checkpoint file is corrupt or not a torch checkpoint: {path}")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as error:
-        raise ValueError(f"checkpoint file is corrupt ({error}): {path}") from None
-    if bad is not None:
-        raise ValueError(f"checkpoint file is corrupt (damaged entry {bad}): {path}")
 
 
 class MetaCLI(LightningCLI):
@@ -60,7 +43,7 @@ class MetaCLI(LightningCLI):
         }
         kwargs["trainer_defaults"] = {**defaults, **kwargs["trainer_defaults"]}
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(MetaLearner, EpisodicDataModule, *args, subclass_mode_model=True,
+        super().__init__(MetaModule, EpisodicDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -70,10 +53,24 @@ class MetaCLI(LightningCLI):
                             help="meta-test the best checkpoint when fit ends and write results.json")
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hparams while parsing: check the file first.
-        if self.config.get("subcommand"):
-            check_checkpoint(self._subcommand_arg("ckpt_path"))
-        super()._parse_ckpt_path()
+        """LightningCLI's: the checkpoint's hparams (the model's class and arguments) override the
+        config. Read through lit_meta.checkpoint: a bad file is one line, a moved class is found."""
+        subcommand = self.config.get("subcommand")
+        path = self._subcommand_arg("ckpt_path") if subcommand else None
+        if path is None or path in SPECIAL_PATHS:
+            return
+        hparams = read_hparams(path)
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            saved_class(path, hparams)  # importable, or one line saying why
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
 
     def before_instantiate_classes(self) -> None:
         # Under SLURM the run directory is named after the job, so a requeued job (same
@@ -100,18 +97,9 @@ class MetaCLI(LightningCLI):
         self._check_task_spec()
 
     def _check_task_spec(self) -> None:
-        """A checkpoint meta-tests on any DataModule whose tasks have its shapes (e.g. the
-        Finn-split model on the Lake split); otherwise one line naming the file and option."""
         path = self._subcommand_arg("ckpt_path")
-        if path is None or path in ("best", "last", "hpc", "registry"):
-            return
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
-        saved_spec, spec = saved.get("task_spec") or {}, self.model.task_spec
-        hints = {"input_shape": "data.image_size / channels", "ways": "data.ways", "kind": "the dataset"}
-        for key, hint in hints.items():
-            if key in saved_spec and key in spec and _as_list(saved_spec[key]) != _as_list(spec[key]):
-                raise ValueError(f"checkpoint {path} was trained with {key}={saved_spec[key]!r} but the data gives "
-                                 f"{spec[key]!r}: set {hint} to match")
+        if path is not None and path not in SPECIAL_PATHS:
+            check_task_spec(path, self.model.task_spec)
 
     def after_fit(self) -> None:
         trainer, model, dm = self.trainer, self.model, self.datamodule
@@ -130,7 +118,7 @@ class MetaCLI(LightningCLI):
             return
         run_dir = Path(checkpoint.dirpath).parent
         payload = {
-            "algorithm": getattr(model, "algorithm_name", model.algorithm),
+            "algorithm": model.algorithm_name,
             "dataset": model.task_spec.get("dataset"),
             "metrics": metrics,
             "train/steps": trainer.global_step,
@@ -138,7 +126,7 @@ class MetaCLI(LightningCLI):
             "best_checkpoint": str(Path(best).resolve()),
             "last_checkpoint": str(last.resolve()),
         }
-        payload.update(getattr(model, "results_extra", lambda: {})())
+        payload.update(model.results_extra())
         path = run_dir / "results.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
@@ -160,10 +148,6 @@ class MetaCLI(LightningCLI):
         if callback is None:
             raise ValueError("fit needs checkpointing: do not set trainer.enable_checkpointing=false")
         return callback
-
-
-def _as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _finish_wandb() -> None:

@@ -7,7 +7,7 @@ Algorithms differ only in what they plug in:
 - ``support_loss(params, step)``: the task's loss at inner step ``step`` (per-step layers read it);
 - ``adapt_names``: which parameters adapt (all for MAML, the head for ANIL);
 - ``rule``: how a gradient becomes a step (SGD with a scalar, per-parameter or per-step
-  rate; Adam for Reptile; an LSTM for Ravi & Larochelle).
+  rate; Adam for Reptile; an LSTM for Ravi & Larochelle): ``lit_meta.update_rules``.
 
 Second order comes for free: ``torch.func.grad`` keeps the graph to the outer
 parameters, so a later ``backward`` of the query loss differentiates through every
@@ -17,66 +17,15 @@ dθ'/dθ = I and the outer gradient is the query gradient at θ'.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable
 
-import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
-Params = dict[str, Tensor]
+# The rules live beside the loop; imported here so ``lit_meta.inner`` is the engine's one entry point.
+from lit_meta.update_rules import NAG, SGD, Adam, Params, RMSprop, UpdateRule, flatten, unflatten  # noqa: F401
+
 SupportLoss = Callable[[Params, int], Tensor]
-
-
-class UpdateRule(Protocol):
-    def init_state(self, params: Params) -> Any: ...
-
-    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: Any) -> tuple[Params, Any]: ...
-
-
-@dataclass
-class SGD:
-    """θ ← θ − α ∇. ``lr`` is a float (MAML), a dict of per-parameter tensors (Meta-SGD), or
-    ``lr(step, name) -> Tensor`` (per-layer per-step rates of MAML++)."""
-
-    lr: float | Params | Callable[[int, str], Tensor]
-
-    def init_state(self, params: Params) -> None:
-        return None
-
-    def rate(self, step: int, name: str) -> float | Tensor:
-        if callable(self.lr):
-            return self.lr(step, name)
-        if isinstance(self.lr, dict):
-            return self.lr[name]
-        return self.lr
-
-    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: None) -> tuple[Params, None]:
-        return {n: p - self.rate(step, n) * grads[n] for n, p in params.items()}, None
-
-
-@dataclass
-class Adam:
-    """Adam on the inner loop, as Reptile uses (Nichol et al. 2018 use β1 = 0)."""
-
-    lr: float
-    betas: tuple[float, float] = (0.0, 0.999)
-    eps: float = 1e-8
-
-    def init_state(self, params: Params) -> tuple[Params, Params]:
-        return ({n: torch.zeros_like(p) for n, p in params.items()}, {n: torch.zeros_like(p) for n, p in params.items()})
-
-    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: tuple[Params, Params]):
-        b1, b2 = self.betas
-        m, v = state
-        t = step + 1
-        m = {n: b1 * m[n] + (1 - b1) * g for n, g in grads.items()}
-        v = {n: b2 * v[n] + (1 - b2) * g * g for n, g in grads.items()}
-        new = {}
-        for n, p in params.items():
-            m_hat = m[n] / (1 - b1**t)
-            v_hat = v[n] / (1 - b2**t)
-            new[n] = p - self.lr * m_hat / (v_hat.sqrt() + self.eps)
-        return new, (m, v)
 
 
 @dataclass

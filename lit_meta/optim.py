@@ -1,7 +1,7 @@
 """``LearnedOptimizer``: a trained coordinate-wise LSTM optimizer as a ``torch.optim.Optimizer``.
 
     model = ...
-    opt = LearnedOptimizer(model.parameters(), checkpoint="runs/l2l/checkpoints/last.ckpt")
+    opt = LearnedOptimizer(model.parameters(), checkpoint="runs/learning_to_learn/checkpoints/last.ckpt")
     for x, y in data:
         opt.zero_grad()
         loss_fn(model(x), y).backward()
@@ -20,21 +20,17 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from lit_meta.checkpoint import read_checkpoint
 from lit_meta.models.lstm_optimizers import CoordinateLSTM
 
 
 def load_coordinate_lstm(checkpoint: str | os.PathLike) -> CoordinateLSTM:
     """The optimizer network of a ``LearningToLearn`` Lightning checkpoint."""
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint file not found: {checkpoint}") from None
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets one line naming it
-        raise ValueError(f"cannot read checkpoint {checkpoint}: {error}".splitlines()[0]) from None
-    hp = ckpt.get("hyper_parameters", {})
-    weights = {k[len("net."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("net.")}
+    ckpt = read_checkpoint(checkpoint, weights_only=True)
+    hp = ckpt.get("hyper_parameters") or {}
+    weights = {k[len("net."):]: v for k, v in (ckpt.get("state_dict") or {}).items() if k.startswith("net.")}
     if not weights or "hidden_size" not in hp:
-        raise ValueError(f"{checkpoint} is not a LearningToLearn (l2l_lstm) checkpoint")
+        raise ValueError(f"{checkpoint} is not a LearningToLearn (learned LSTM optimizer) checkpoint")
     net = CoordinateLSTM(hp["hidden_size"], hp["num_layers"], hp["output_scale"], hp["preprocess_p"])
     net.load_state_dict(weights)
     return net

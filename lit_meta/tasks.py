@@ -9,14 +9,21 @@ dimension, so the inner loop can ``vmap`` over it:
 - ``query_y``:   ``[tasks, n_query]`` or ``[tasks, n_query, out]``
 
 Class ids are episode-local (``0..ways-1``), as in Finn et al. 2017.
+
+Subclasses add fields with the same leading ``tasks`` dimension (e.g.
+``lit_meta.data.optimizees.OptimizeeBatch``'s starting points); ``to``, ``slice`` and
+``cat`` act on every field and return the subclass.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+
+Batch = TypeVar("Batch", bound="TaskBatch")
 
 
 @dataclass
@@ -37,16 +44,16 @@ class TaskBatch:
     def num_tasks(self) -> int:
         return self.support_x.shape[0]
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TaskBatch":
-        return TaskBatch(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
+    def to(self: Batch, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return type(self)(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
 
-    def slice(self, start: int, stop: int) -> "TaskBatch":
+    def slice(self: Batch, start: int, stop: int) -> Batch:
         """Tasks ``start:stop``; used to give each DDP rank its share of a global meta-batch."""
-        return TaskBatch(*(getattr(self, f.name)[start:stop] for f in fields(self)))
+        return type(self)(*(getattr(self, f.name)[start:stop] for f in fields(self)))
 
-    @staticmethod
-    def cat(batches: list["TaskBatch"]) -> "TaskBatch":
-        return TaskBatch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in fields(TaskBatch)))
+    @classmethod
+    def cat(cls: type[Batch], batches: list[Batch]) -> Batch:
+        return cls(*(torch.cat([getattr(b, f.name) for b in batches]) for f in fields(cls)))
 
 
 def task_spec(

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lit_meta.adapt import adapt, adapt_tensors, load_checkpoint, read_query_folder, read_support_folder
+from lit_meta.adapt import adapt, read_query_folder, read_support_folder
+from lit_meta.checkpoint import load_checkpoint
 from lit_meta.data import OmniglotDataModule
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -49,12 +50,12 @@ def write_task(images: np.ndarray, characters: list[int], folder: Path, rng: np.
 def zero_head_accuracy(ckpt: str, support: Path, query: Path) -> float:
     """``adapt`` with the checkpoint's head zeroed: what a resized head starts from."""
     model = load_checkpoint(ckpt)
-    notes: list[str] = []
-    support_x, support_y, names = read_support_folder(support, model.task_spec, notes)
-    query_x, _, query_y, _ = read_query_folder(query, model.task_spec, names, notes)
+    support_images, support_y, names = read_support_folder(support, model.task_spec)
+    query_images, query_y = read_query_folder(query, model.task_spec, names)
     torch.nn.init.zeros_(model.net.head.weight)
     torch.nn.init.zeros_(model.net.head.bias)
-    return float((adapt_tensors(model, support_x, support_y, query_x).argmax(-1) == query_y).float().mean())
+    logits = model.adapt_and_predict(support_images.images, support_y, query_images.images)
+    return float((logits.argmax(-1) == query_y).float().mean())
 
 
 def row(label: str, accs: list[float], chance: float) -> str:

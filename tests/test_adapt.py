@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 import lit_meta
-from lit_meta.adapt import adapt, adapt_tensors, load_checkpoint
+from lit_meta.adapt import adapt
 from lit_meta.algorithms import ANIL, MAML, MAMLpp, MetaLSTM, MetaSGD, Reptile, Transfer
+from lit_meta.checkpoint import load_checkpoint
 from lit_meta.cli import main
 from lit_meta.data import OmniglotDataModule
 from lit_meta.data.images import normalize
@@ -326,7 +327,7 @@ def test_sine_csv_round_trip(tmp_path, capsys):
     assert list(rows[0]) == ["x", "prediction", "y"] and [float(r["x"]) for r in rows] == qx
     sx = torch.tensor([[round(x, 6)] for x in xs.tolist()])
     sy = torch.tensor([[round(2 * math.sin(x - 1), 6)] for x in xs.tolist()])
-    expected = adapt_tensors(load_checkpoint(ckpt), sx, sy, torch.tensor(qx)[:, None])
+    expected = load_checkpoint(ckpt).adapt_and_predict(sx, sy, torch.tensor(qx)[:, None])
     assert [float(r["prediction"]) for r in rows] == pytest.approx(expected[:, 0].tolist(), abs=1e-5)
     mse = float(capsys.readouterr().out.split("mse:")[1])
     assert mse == pytest.approx(np.mean([(float(r["prediction"]) - float(r["y"])) ** 2 for r in rows]), rel=1e-3)

@@ -11,7 +11,7 @@ from tests.conftest import REPO
 from tests.image_data_fixtures import mini_arrays, omniglot_arrays, write_mini_pickles, write_omniglot_npz
 
 def _param(config: str):
-    # The default run covers every sine / l2l config and every algorithm's 5-way 1-shot
+    # The default run covers every sine / learning_to_learn config and every algorithm's 5-way 1-shot
     # image config; the other shot and way counts differ only in numbers (`pytest -m slow`).
     image = config.split("/")[0] in ("omniglot", "miniimagenet")
     return pytest.param(config, marks=pytest.mark.slow) if image and "_5w1s" not in config else config

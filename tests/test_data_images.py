@@ -22,7 +22,8 @@ from tests.image_data_fixtures import (
     write_user_folder,
 )
 from lit_meta.data import ImageFolderDataModule, MiniImageNetDataModule, OmniglotDataModule
-from lit_meta.data.images import ClassPool, images_from_files, preprocess, sample_episodes, save_atomic
+from lit_meta.checkpoint import atomic_torch_save
+from lit_meta.data.images import ClassPool, images_from_files, preprocess, sample_episodes
 
 from tests.conftest import OMNIGLOT as REAL_OMNIGLOT
 
@@ -77,7 +78,7 @@ def test_images_from_files_reproduce_the_training_tensors(tmp_path, omni_arrays)
     data = dm.load_all()
     first = sorted((root / "images_background").glob("*/*/0001_*.png"))
     assert len(first) == 6
-    x = images_from_files(first, dm.task_spec)
+    x = images_from_files(first, dm.task_spec).images
     assert torch.equal(x, data["images"][:6].float() / 255)
 
 
@@ -120,7 +121,7 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        save_atomic({"x": torch.zeros(3)}, target)
+        atomic_torch_save({"x": torch.zeros(3)}, target)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -92,7 +92,7 @@ def test_torch_threads_callback(monkeypatch):
 def test_checkpoint_meta_tests_on_another_datamodule(run_cli, capsys, tmp_path):
     """``test --ckpt_path`` of a Finn-split model on the Lake split: the metrics are the
     checkpoint's accuracy on the Lake test tasks (evaluation characters), recomputed here."""
-    from lit_meta.adapt import load_checkpoint
+    from lit_meta.checkpoint import load_checkpoint
     from lit_meta.data import OmniglotDataModule
 
     root = write_omniglot_npz(tmp_path / "omniglot", omniglot_arrays(background=60, evaluation=40, drawers=20))

@@ -1,4 +1,4 @@
-"""Learned optimizers: the L2L coordinate-wise LSTM (Andrychowicz et al. 2016), its
+"""Learned optimizers: the coordinate-wise LSTM optimizer (Andrychowicz et al. 2016), its
 ``LearnedOptimizer`` export, and the Meta-Learner LSTM (Ravi & Larochelle 2017)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from lit_meta import LearnedOptimizer
 from lit_meta.algorithms import LearningToLearn, MetaLSTM
-from lit_meta.algorithms.l2l_lstm import LSTMRule, NonFiniteLossError
+from lit_meta.algorithms.learning_to_learn import LSTMRule, NonFiniteLossError
 from lit_meta.data import MLPClassification, OptimizeeDataModule, Quadratic
 from lit_meta.models.lstm_optimizers import preprocess
 from lit_meta.tasks import TaskBatch, task_spec
@@ -35,7 +35,7 @@ def test_preprocess_matches_the_formula_on_hand_picked_values():
         [math.log(3e3) / 10, 1.0],
     ], dtype=torch.float64)
     torch.testing.assert_close(preprocess(g, 10.0), expected, rtol=1e-12, atol=1e-12)
-    # Differentiable everywhere, g = 0 included (second-order L2L backpropagates through it).
+    # Differentiable everywhere, g = 0 included (second-order learning to learn backpropagates through it).
     g.requires_grad_(True)
     (grad,) = torch.autograd.grad(preprocess(g).sum(), g)
     assert torch.isfinite(grad).all()
@@ -111,7 +111,7 @@ def test_meta_lstm_outer_gradient_reaches_init_and_lstm():
     assert model.meta_learner.lstm.linear.weight.grad.abs().sum() > 0
 
 
-# ---------------------------------------------------------------------- L2L meta-training
+# ---------------------------------------------------------------------- learned LSTM optimizer: meta-training
 def _trainer(root: Path, steps: int, **kwargs) -> pl.Trainer:
     return pl.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                       inference_mode=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -121,14 +121,14 @@ def _trainer(root: Path, steps: int, **kwargs) -> pl.Trainer:
 @pytest.fixture(scope="module")
 def trained_quadratic(tmp_path_factory):
     """A learned optimizer after 60 meta-steps (12 unrolls of 100) on quadratics, and its checkpoint."""
-    root = tmp_path_factory.mktemp("l2l")
+    root = tmp_path_factory.mktemp("learning_to_learn")
     pl.seed_everything(0)
     dm = OptimizeeDataModule(Quadratic(), meta_batch_size=32, steps_per_epoch=60, test_tasks=64)
     model = LearningToLearn(dm.task_spec, meta_batch_size=32, meta_lr=0.003)
     before = model.loss_curves(dm.eval_batch("test", 0), model.update_rule(False))[:, -1].mean().item()
     trainer = _trainer(root, 60)
     trainer.fit(model, datamodule=dm)
-    path = root / "l2l.ckpt"
+    path = root / "learning_to_learn.ckpt"
     trainer.save_checkpoint(path)
     return model, dm, before, path
 
@@ -178,7 +178,7 @@ def test_learned_optimizer_trains_a_model_and_state_dict_round_trips(trained_qua
     assert opt.state[model.weight]["h"].shape == (2, 5, 20)
 
 
-def test_learned_optimizer_rejects_a_non_l2l_checkpoint(tmp_path):
+def test_learned_optimizer_rejects_another_checkpoint(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not a LearningToLearn"):
         LearnedOptimizer([torch.zeros(2, requires_grad=True)], checkpoint=tmp_path / "other.ckpt")
@@ -227,8 +227,8 @@ def test_non_finite_loss_stops_after_max_in_a_row_and_keeps_the_last_finite_stat
 
 
 # ---------------------------------------------------------------------- configs end to end
-def test_l2l_config_runs_end_to_end_and_reports_every_optimizer(run_cli, capsys):
-    run_cli("fit", "--config", str(REPO / "configs" / "l2l" / "quadratic.yaml"), "--trainer.max_steps", "10",
+def test_learning_to_learn_config_runs_end_to_end_and_reports_every_optimizer(run_cli, capsys):
+    run_cli("fit", "--config", str(REPO / "configs" / "learning_to_learn" / "quadratic.yaml"), "--trainer.max_steps", "10",
             "--trainer.val_check_interval", "5", "--model.init_args.meta_batch_size", "8",
             "--model.init_args.tune_functions", "8", "--model.init_args.baseline_lrs", "[0.01, 0.1]",
             "--model.init_args.eval_steps", "20", "--data.init_args.val_tasks", "8",
@@ -242,11 +242,11 @@ def test_l2l_config_runs_end_to_end_and_reports_every_optimizer(run_cli, capsys)
         assert len(results["loss_curves"][name]) == 21
     assert metrics["test/functions"] == 16
     assert min(abs(metrics["test/lr_adam"] - lr) for lr in (0.01, 0.1)) < 1e-6  # logged in float32
-    assert results["algorithm"] == "l2l_lstm" and set(results["tuned_lr"]) == {"sgd", "rmsprop", "adam", "nag"}
+    assert results["algorithm"] == "learning_to_learn" and set(results["tuned_lr"]) == {"sgd", "rmsprop", "adam", "nag"}
 
 
-@pytest.mark.parametrize("name", ["l2l/quadratic", "l2l/mlp"])
-def test_l2l_configs_instantiate(name, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["learning_to_learn/quadratic", "learning_to_learn/mlp"])
+def test_learning_to_learn_configs_instantiate(name, tmp_path, monkeypatch):
     from lit_meta.cli import MetaCLI
 
     monkeypatch.chdir(tmp_path)

@@ -10,6 +10,7 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from lit_meta.algorithms import ANIL, MAML, MAMLpp, MetaSGD, Reptile, Transfer
+from lit_meta.algorithms.episodic import inner_precision
 from lit_meta.data.sine import SineDataModule
 
 ALGORITHMS = {
@@ -61,7 +62,7 @@ def test_16_mixed_runs_the_inner_loop_in_fp32():
 
     model._trainer = Probe()
     with torch.autocast("cpu", dtype=torch.float16):
-        with model.inner_precision():
+        with inner_precision(model):
             seen.append(torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype)
         seen.append(torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype)
     model._trainer = None

@@ -15,12 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lit_meta.algorithms.base import MetaLearner
-from lit_meta.algorithms.metasgd import lr_key
-from lit_meta.inner import SGD, Adapted, UpdateRule
+from lit_meta.algorithms.learned_rates import LearnedRates
+from lit_meta.inner import Adapted
 from lit_meta.models.layers import PerStepBatchNorm
+from lit_meta.update_rules import SGD, UpdateRule
 
 
 def msl_importance(steps: int, epoch: int, msl_epochs: int) -> Tensor:
@@ -55,10 +56,8 @@ class MAMLpp(MetaLearner):
         self.msl, self.msl_epochs, self.first_order_epochs = msl, msl_epochs, first_order_epochs
         self.lslr, self.bnrs = lslr, bnrs
         steps = max(self.inner_steps, self.eval_inner_steps, 1)
-        self.inner_lrs = nn.ParameterDict({
-            lr_key(n): nn.Parameter(torch.full((steps,), self.inner_lr), requires_grad=lslr)
-            for n, _ in self.net.named_parameters()
-        })
+        self.inner_lrs = LearnedRates({n: torch.full((steps,), self.inner_lr) for n, _ in self.net.named_parameters()},
+                                      learn=lslr)
 
     def per_step_norms(self) -> dict[str, PerStepBatchNorm]:
         return {n: m for n, m in self.net.named_modules() if isinstance(m, PerStepBatchNorm)}
@@ -66,7 +65,12 @@ class MAMLpp(MetaLearner):
     # -- LSLR
     def update_rule(self, training: bool) -> UpdateRule:
         last = next(iter(self.inner_lrs.values())).shape[0] - 1
-        return SGD(lambda step, name: self.inner_lrs[lr_key(name)][min(step, last)])
+        return SGD(lambda step, name: self.inner_lrs.of(name)[min(step, last)])
+
+    def set_inner_lr(self, inner_lr: float) -> bool:
+        super().set_inner_lr(inner_lr)
+        self.inner_lrs.fill_(inner_lr)
+        return True
 
     # -- derivative-order annealing
     def first_order_at(self, training: bool) -> bool:
@@ -113,22 +117,12 @@ class MAMLpp(MetaLearner):
             norm = self.per_step_norms()[name]
             mean_over_tasks = per_task.mean(0)  # [steps + 1, 2, C]
             for step in range(mean_over_tasks.shape[0]):
-                norm.update_running_stats(norm._slot(step), mean_over_tasks[step, 0], mean_over_tasks[step, 1])
+                norm.update_running_stats(norm.slot(step), mean_over_tasks[step, 0], mean_over_tasks[step, 1])
 
-    def on_validation_epoch_start(self) -> None:
-        super().on_validation_epoch_start()
-        self._use_running_stats(not self.transductive)
-
-    def on_test_epoch_start(self) -> None:
-        super().on_test_epoch_start()
-        self._use_running_stats(not self.transductive)
-
-    def on_train_epoch_start(self) -> None:
-        self._use_running_stats(False)
-
-    def _use_running_stats(self, flag: bool) -> None:
+    def evaluation_mode(self, on: bool) -> None:
+        # Non-transductive evaluation normalises with the per-step running statistics.
         for norm in self.per_step_norms().values():
-            norm.use_running_stats = flag and norm.per_step_stats
+            norm.use_running_stats = on and not self.transductive and norm.per_step_stats
 
     def predict(self, params, support_x, query_x, step, training):
         # With BNRS, non-transductive evaluation normalises with the per-step running statistics.

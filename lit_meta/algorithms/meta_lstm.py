@@ -33,9 +33,8 @@ from typing import Any
 from torch import Tensor
 
 from lit_meta.algorithms.base import MetaLearner
-from lit_meta.algorithms.l2l_lstm import flatten, unflatten
-from lit_meta.inner import Params
 from lit_meta.models.lstm_optimizers import MetaLSTMCell, MetaLSTMState
+from lit_meta.update_rules import Params, flatten, unflatten
 
 
 @dataclass
@@ -87,3 +86,6 @@ class MetaLSTM(MetaLearner):
 
     def update_rule(self, training: bool) -> MetaLSTMRule:
         return MetaLSTMRule(self.meta_learner)
+
+    def set_inner_lr(self, inner_lr: float) -> bool:
+        raise ValueError(f"inner_lr does not apply to {self.algorithm}: its LSTM computes the inner steps")

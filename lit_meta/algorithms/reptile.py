@@ -13,8 +13,8 @@ from typing import Any
 from torch import Tensor
 
 from lit_meta.algorithms.base import MetaLearner
-from lit_meta.inner import SGD, Adam, UpdateRule
 from lit_meta.tasks import TaskBatch
+from lit_meta.update_rules import SGD, Adam, UpdateRule
 
 INNER_OPTIMIZERS = ("adam", "sgd")
 

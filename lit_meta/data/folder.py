@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lit_meta.checkpoint import atomic_torch_save
 from lit_meta.data.base import SPLITS
 from lit_meta.data.images import (
     CACHE_VERSION,
@@ -31,7 +32,6 @@ from lit_meta.data.images import (
     fingerprint,
     load_cache,
     preprocess_list,
-    save_atomic,
 )
 
 SPLIT_MODES = ("auto", "fraction", "folders")
@@ -131,7 +131,7 @@ class ImageFolderDataModule(ImageEpisodicDataModule):
                                                           dtype=torch.uint8),
                                "counts": torch.tensor([len(f) for f in classes.values()], dtype=torch.long),
                                "names": list(classes)}
-            save_atomic(data, path)
+            atomic_torch_save(data, path)
         return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
 
     def spec_extra(self) -> dict[str, Any]:

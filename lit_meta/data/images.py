@@ -21,7 +21,7 @@ import hashlib
 import io
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -34,6 +34,7 @@ from lit_meta.data.base import SPLITS, EpisodicDataModule, check_positive
 from lit_meta.tasks import TaskBatch, task_spec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes with one channel of colour
 RESIZE = "bilinear-antialias"
 CACHE_VERSION = 1
 _CHUNK = 2048  # images per resize batch: bounds the float32 copy while preprocessing
@@ -42,18 +43,24 @@ _CHUNK = 2048  # images per resize batch: bounds the float32 copy while preproce
 # ---------------------------------------------------------------------------- decoding
 def decode_image(source: str | os.PathLike | bytes, channels: int, name: str | None = None) -> np.ndarray:
     """One image file (path or bytes) as uint8 ``[C, H, W]``; a one-line ValueError naming it if unreadable."""
+    return _decode(source, channels, name)[0]
+
+
+def _decode(source: str | os.PathLike | bytes, channels: int, name: str | None) -> tuple[np.ndarray, bool]:
+    """:func:`decode_image`, and whether the file's own colour mode had another channel count."""
     from PIL import Image, UnidentifiedImageError
 
     name = name or str(source)
     try:
         handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
         with handle, Image.open(handle) as image:
+            converted = (image.mode in GRAY_MODES) == (channels == 3)
             image = image.convert("L" if channels == 1 else "RGB")
             array = np.asarray(image, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"cannot read image {name}: {reason}") from None
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+    return (array[None] if channels == 1 else array.transpose(2, 0, 1)), converted
 
 
 def preprocess(images: Tensor | np.ndarray, image_size: int, invert: bool = False) -> Tensor:
@@ -97,11 +104,38 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     return x
 
 
-def images_from_files(paths: Iterable[str | os.PathLike], spec: dict[str, Any]) -> Tensor:
-    """Raw image files -> float ``[N, C, S, S]``, exactly as the data behind ``spec`` (a task_spec) was made."""
+@dataclass
+class ImageFiles:
+    """What :func:`images_from_files` read."""
+
+    images: Tensor  # float [N, C, S, S], normalised
+    files: list[Path]  # the files of ``images``, in order
+    unreadable: dict[str, str] = field(default_factory=dict)  # skipped file -> one-line reason
+    converted: int = 0  # files whose colour mode had another channel count (RGB into gray, or back)
+
+
+def images_from_files(paths: Iterable[str | os.PathLike], spec: dict[str, Any],
+                      skip_unreadable: bool = False) -> ImageFiles:
+    """Raw image files -> float ``[N, C, S, S]``, exactly as the data behind ``spec`` (a task_spec)
+    was made. An undecodable file raises a one-line ValueError naming it, or with
+    ``skip_unreadable`` is left out and listed in ``unreadable``."""
     channels, size = spec["channels"], spec["image_size"]
-    arrays = [decode_image(p, channels) for p in paths]
-    return normalize(preprocess_list(arrays, size, spec.get("invert", False)), spec["mean"], spec["std"])
+    arrays, files, unreadable, converted = [], [], {}, 0
+    for path in map(Path, paths):
+        try:
+            array, other_mode = _decode(path, channels, None)
+        except ValueError as error:
+            if not skip_unreadable:
+                raise
+            unreadable[str(path)] = str(error)
+            continue
+        arrays.append(array)
+        files.append(path)
+        converted += other_mode
+    if not arrays:
+        return ImageFiles(torch.empty(0, channels, size, size), files, unreadable, converted)
+    x = normalize(preprocess_list(arrays, size, spec.get("invert", False)), spec["mean"], spec["std"])
+    return ImageFiles(x, files, unreadable, converted)
 
 
 # ---------------------------------------------------------------------------- class pools
@@ -203,18 +237,6 @@ def cache_file(root: Path, cache_dir: str | os.PathLike | None, stem: str) -> Pa
         return root / f"{stem}.pt"
     base = Path(os.environ.get("LIT_META_CACHE", Path.home() / ".cache" / "lit_meta"))
     return base / f"{stem}-{fingerprint(str(root.resolve()))}.pt"
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary name beside ``path``, then rename: never a half-written cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_cache(path: Path, key: str) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lit_meta.checkpoint import atomic_torch_save
 from lit_meta.data.base import SPLITS
 from lit_meta.data.images import (
     CACHE_VERSION,
@@ -36,7 +37,6 @@ from lit_meta.data.images import (
     load_cache,
     preprocess,
     preprocess_list,
-    save_atomic,
 )
 
 MEAN = (120.39586422 / 255, 115.59361427 / 255, 104.54012653 / 255)
@@ -157,7 +157,7 @@ class MiniImageNetDataModule(ImageEpisodicDataModule):
                 else:
                     images, counts, names = read_csv(file, self.root / "images", self.image_size)
                 data[split] = {"images": images, "counts": counts, "names": names}
-            save_atomic(data, path)
+            atomic_torch_save(data, path)
         return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
 
     def spec_extra(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lit_meta.checkpoint import atomic_torch_save
 from lit_meta.data.images import (
     CACHE_VERSION,
     ClassPool,
@@ -44,7 +45,6 @@ from lit_meta.data.images import (
     load_cache,
     preprocess,
     preprocess_list,
-    save_atomic,
 )
 
 HALVES = ("images_background", "images_evaluation")
@@ -238,7 +238,7 @@ class OmniglotDataModule(ImageEpisodicDataModule):
             "names": [n for p in parts for n in p[2]],
             "background": len(parts[0][1]),
         }
-        save_atomic(data, path)
+        atomic_torch_save(data, path)
         return data
 
     def split_classes(self, total: int, background: int) -> dict[str, torch.Tensor]:

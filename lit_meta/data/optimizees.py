@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,16 +40,6 @@ class OptimizeeBatch(TaskBatch):
     is the training loss itself) and its starting point ``theta0`` ``[tasks, P]``."""
 
     theta0: Tensor
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "OptimizeeBatch":
-        return OptimizeeBatch(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
-
-    def slice(self, start: int, stop: int) -> "OptimizeeBatch":
-        return OptimizeeBatch(*(getattr(self, f.name)[start:stop] for f in fields(self)))
-
-    @staticmethod
-    def cat(batches: list["OptimizeeBatch"]) -> "OptimizeeBatch":
-        return OptimizeeBatch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in fields(OptimizeeBatch)))
 
 
 class OptimizeeFamily:

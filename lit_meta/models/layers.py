@@ -38,11 +38,12 @@ class PerStepBatchNorm(nn.Module):
         self.record_stats = False
         self.last_stats: tuple[int, Tensor, Tensor] | None = None
 
-    def _slot(self, step: int) -> int:
+    def slot(self, step: int) -> int:
+        """The per-step weights and statistics that inner step ``step`` uses (later steps share the last)."""
         return min(step, self.slots - 1)
 
     def forward(self, x: Tensor, step: int = 0) -> Tensor:
-        slot = self._slot(step)
+        slot = self.slot(step)
         weight = self.weight[slot] if self.per_step_weights else self.weight
         bias = self.bias[slot] if self.per_step_weights else self.bias
         dims = [0] + list(range(2, x.dim()))

@@ -23,29 +23,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.func import vmap
 
-from lit_meta.algorithms.base import MetaLearner
+from lit_meta.algorithms.meta_module import MetaModule
 from lit_meta.data.base import derive_seed
 from lit_meta.data.optimizees import OptimizeeBatch, build_family
-from lit_meta.inner import SGD, Adam, Params, UpdateRule, adapt
+from lit_meta.inner import adapt
+from lit_meta.metrics import mean_ci95
 from lit_meta.models.lstm_optimizers import CoordinateLSTM, LSTMState
+from lit_meta.update_rules import HAND_DESIGNED, Params, UpdateRule, flatten, unflatten
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
-
-
-def flatten(params: Params) -> Tensor:
-    return torch.cat([p.reshape(-1) for p in params.values()])
-
-
-def unflatten(flat: Tensor, like: Params) -> Params:
-    sizes = [p.numel() for p in like.values()]
-    return {n: t.reshape(p.shape) for (n, p), t in zip(like.items(), flat.split(sizes))}
+BASELINES = ("sgd", "rmsprop", "adam", "nag")  # the paper's hand-designed competitors (lit_meta.update_rules)
 
 
 @dataclass
@@ -63,52 +57,12 @@ class LSTMRule:
         return unflatten(flatten(params) + update, params), state
 
 
-# ---------------------------------------------------------------------- the hand-designed baselines
-@dataclass
-class RMSprop:
-    """As ``torch.optim.RMSprop``: v ← αv + (1−α)g², θ ← θ − lr g / (√v + ε)."""
-
-    lr: float
-    alpha: float = 0.99
-    eps: float = 1e-8
-
-    def init_state(self, params: Params) -> Params:
-        return {n: torch.zeros_like(p) for n, p in params.items()}
-
-    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: Params):
-        v = {n: self.alpha * state[n] + (1 - self.alpha) * g * g for n, g in grads.items()}
-        return {n: p - self.lr * grads[n] / (v[n].sqrt() + self.eps) for n, p in params.items()}, v
-
-
-@dataclass
-class NAG:
-    """Nesterov momentum as ``torch.optim.SGD(nesterov=True)``: b ← μb + g, θ ← θ − lr (g + μb)."""
-
-    lr: float
-    momentum: float = 0.9
-
-    def init_state(self, params: Params) -> Params:
-        return {n: torch.zeros_like(p) for n, p in params.items()}
-
-    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: Params):
-        b = {n: self.momentum * state[n] + g for n, g in grads.items()}
-        return {n: p - self.lr * (grads[n] + self.momentum * b[n]) for n, p in params.items()}, b
-
-
-BASELINES: dict[str, Callable[[float], UpdateRule]] = {
-    "sgd": SGD,
-    "rmsprop": RMSprop,
-    "adam": lambda lr: Adam(lr, betas=(0.9, 0.999)),
-    "nag": NAG,
-}
-
-
 class NonFiniteLossError(ValueError):
     """Too many meta-training steps in a row had a non-finite optimizee loss."""
 
 
-class LearningToLearn(MetaLearner):
-    algorithm = "l2l_lstm"
+class LearningToLearn(MetaModule):
+    algorithm = "learning_to_learn"
 
     def __init__(
         self,
@@ -140,13 +94,14 @@ class LearningToLearn(MetaLearner):
                              f"{max_nonfinite}, {tune_functions}, {eval_steps}")
         if not baseline_lrs or min(baseline_lrs) <= 0:
             raise ValueError(f"baseline_lrs must be positive learning rates, got {baseline_lrs}")
-        # The base builds a network from task_spec; here the network *is* the optimizer
-        # (the optimizee lives in the data), so a 1-layer placeholder is built and replaced.
-        super().__init__(task_spec, backbone="mlp", backbone_kwargs={"hidden": []}, inner_steps=truncation,
-                         eval_inner_steps=eval_steps, first_order=first_order, meta_batch_size=meta_batch_size,
-                         meta_optimizer=meta_optimizer, meta_lr=meta_lr, lr_schedule=lr_schedule,
-                         grad_clip=grad_clip)
+        if meta_batch_size < 1:
+            raise ValueError(f"meta_batch_size must be >= 1, got {meta_batch_size}")
+        super().__init__(task_spec, meta_optimizer, meta_lr, lr_schedule, grad_clip=grad_clip)
+        self.save_hyperparameters()
+        # The network is the optimizer; the optimizee lives in the data (``family``).
         self.net = CoordinateLSTM(hidden_size, num_layers, output_scale, preprocess_p)
+        self.inner_steps, self.eval_inner_steps = truncation, eval_steps
+        self.first_order, self.meta_batch_size = first_order, meta_batch_size
         self.family = build_family(task_spec["optimizee"])
         self.chunks = unroll // truncation
         self.max_nonfinite = max_nonfinite
@@ -158,7 +113,6 @@ class LearningToLearn(MetaLearner):
         self._nonfinite_in_row = 0
         self._nonfinite_total = 0
         self._last_finite: Path | None = None
-        self._sums: dict[str, dict[str, Tensor]] = {}
 
     def update_rule(self, training: bool) -> LSTMRule:
         return LSTMRule(self.net)
@@ -224,9 +178,7 @@ class LearningToLearn(MetaLearner):
         if out["skipped"]:
             return
         self.log("train/loss", out["meta_loss"].detach().mean() / self.inner_steps, prog_bar=True)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
+        self.step_lr_schedule()
 
     def _skip_nonfinite(self, meta_loss: Tensor) -> None:
         """Skip the meta-step, restart on fresh functions, and stop after ``max_nonfinite`` in a row."""
@@ -263,59 +215,49 @@ class LearningToLearn(MetaLearner):
         generator = torch.Generator().manual_seed(derive_seed(0, "tune", 0))
         batch = self.family.sample(generator, self.tune_functions).to(self.device)
         best: dict[str, float] = {}
-        for name, make in BASELINES.items():
+        for name in BASELINES:
             scores = {}
             for lr in self.baseline_lrs:
-                final = self.loss_curves(batch, make(lr))[:, -1]
+                final = self.loss_curves(batch, HAND_DESIGNED[name](lr))[:, -1]
                 scores[lr] = final.mean().item() if torch.isfinite(final).all() else math.inf
             best[name] = min(scores, key=scores.get)
             if best[name] in (min(self.baseline_lrs), max(self.baseline_lrs)) and len(self.baseline_lrs) > 1:
                 rank_zero_warn(f"tuned {name} learning rate {best[name]} is at the edge of baseline_lrs")
         return best
 
-    def _accumulate(self, rules: dict[str, UpdateRule], batch: OptimizeeBatch) -> None:
+    def evaluate_rules(self, rules: dict[str, UpdateRule], batch: OptimizeeBatch) -> None:
+        """Add each rule's loss curves on ``batch`` to ``eval_sums``."""
         for name, rule in rules.items():
             curves = self.loss_curves(batch, rule).double()
             final = curves[:, -1]
-            s = {"curve": curves.sum(0), "final": final.sum(), "final_sq": (final * final).sum(),
-                 "n": torch.tensor(float(final.numel()), dtype=torch.float64, device=final.device),
-                 "nonfinite": (~torch.isfinite(final)).sum().double()}
-            old = self._sums.get(name)
-            self._sums[name] = s if old is None else {k: old[k] + v for k, v in s.items()}
+            self.eval_sums.add(f"{name}/curve", curves.sum(0))
+            self.eval_sums.add_moments(f"{name}/final", final)
+            self.eval_sums.add(f"{name}/nonfinite", (~torch.isfinite(final)).sum().double())
 
     def validation_step(self, batch: OptimizeeBatch, batch_idx: int) -> None:
-        self._accumulate({"learned": LSTMRule(self.net)}, batch)
+        self.evaluate_rules({"learned": LSTMRule(self.net)}, batch)
 
     def test_step(self, batch: OptimizeeBatch, batch_idx: int) -> None:
-        rules = {"learned": LSTMRule(self.net), **{n: BASELINES[n](lr) for n, lr in self.tuned_lrs.items()}}
-        self._accumulate(rules, batch)
+        rules = {"learned": LSTMRule(self.net), **{n: HAND_DESIGNED[n](lr) for n, lr in self.tuned_lrs.items()}}
+        self.evaluate_rules(rules, batch)
 
-    def on_validation_epoch_start(self) -> None:
-        self._check_grad_mode()
-        self._sums = {}
+    def begin_evaluation(self, split: str) -> None:
+        if split == "test":
+            self.tuned_lrs = self.tune_baselines()
 
-    def on_test_epoch_start(self) -> None:
-        self._check_grad_mode()
-        self._sums = {}
-        self.tuned_lrs = self.tune_baselines()
-
-    def _epoch_end(self, split: str) -> None:
-        import torch.distributed as dist
-
+    def evaluation_metrics(self, split: str, sums: dict[str, Tensor]) -> dict[str, float]:
         metrics: dict[str, float] = {}
         finals: dict[str, float] = {}
-        for name, s in self._sums.items():
-            if dist.is_available() and dist.is_initialized():
-                for v in s.values():
-                    dist.all_reduce(v)
-            n = s["n"].item()
-            mean = s["final"].item() / n
-            var = max(s["final_sq"].item() - n * mean * mean, 0.0) / max(n - 1, 1)
+        for key in sums:
+            name, kind = key.split("/")
+            if kind != "final":
+                continue
+            mean, ci95, n = mean_ci95(sums[key])
             finals[name] = mean
             metrics[f"{split}/final_loss_{name}"] = mean
-            metrics[f"{split}/final_loss_{name}_ci95"] = 1.96 * math.sqrt(var / n) if math.isfinite(var) else math.nan
-            metrics[f"{split}/nonfinite_{name}"] = s["nonfinite"].item()
-            self.curves[name] = (s["curve"] / n).tolist()
+            metrics[f"{split}/final_loss_{name}_ci95"] = ci95
+            metrics[f"{split}/nonfinite_{name}"] = sums[f"{name}/nonfinite"].item()
+            self.curves[name] = (sums[f"{name}/curve"] / n).tolist()
             metrics[f"{split}/functions"] = n
         for name, lr in self.tuned_lrs.items() if split == "test" else ():
             metrics[f"{split}/lr_{name}"] = lr
@@ -324,14 +266,7 @@ class LearningToLearn(MetaLearner):
             best = min(v for k, v in finals.items() if k != "learned")
             metrics[f"{split}/ratio_learned_to_best_baseline"] = finals["learned"] / best
         metrics[f"{split}/eval_steps"] = float(self.eval_inner_steps)
-        self._sums = {}
-        self.log_dict(metrics, rank_zero_only=False)
-
-    def on_validation_epoch_end(self) -> None:
-        self._epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._epoch_end("test")
+        return metrics
 
     @property
     def monitor(self) -> tuple[str, str]:

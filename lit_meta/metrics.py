@@ -1,0 +1,53 @@
+"""Evaluation metrics over a fixed set of tasks: a mean and its 95% confidence interval.
+
+Each rank adds up, per metric, Σx, Σx² and n over the tasks it evaluated (float64, on
+the device); at the end of the epoch the sums are all-reduced once, so the mean and the
+CI are over exactly the global task set whatever the world size, and nothing is
+averaged twice. The CI is the normal approximation 1.96·s/√n with the sample standard
+deviation s, as the few-shot papers report it (e.g. Finn et al. 2017, Nichol et al. 2018).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def moments(values: Tensor) -> Tensor:
+    """``[Σx, Σx², n]`` of all entries of ``values``, in float64."""
+    v = values.detach().double()
+    return torch.stack([v.sum(), (v * v).sum(), torch.tensor(float(v.numel()), device=v.device, dtype=v.dtype)])
+
+
+def mean_ci95(moment_sums: Tensor) -> tuple[float, float, float]:
+    """``(mean, 95% CI half-width, n)`` from ``[Σx, Σx², n]``; the CI is NaN when the spread is not finite."""
+    total, squares, n = moment_sums.tolist()
+    mean = total / n
+    var = max(squares - n * mean * mean, 0.0) / max(n - 1, 1)
+    return mean, (1.96 * math.sqrt(var / n) if math.isfinite(var) else math.nan), n
+
+
+class MetricSums:
+    """Named running sums (any shape, float64): ``add`` per batch, ``reduce`` once per epoch."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+
+    def add(self, key: str, sums: Tensor) -> None:
+        self.sums[key] = sums if key not in self.sums else self.sums[key] + sums
+
+    def add_moments(self, key: str, values: Tensor) -> None:
+        self.add(key, moments(values))
+
+    def reset(self) -> None:
+        self.sums = {}
+
+    def reduce(self) -> dict[str, Tensor]:
+        """The sums over every DDP rank (each rank must have added the same keys in the same order); resets."""
+        sums, self.sums = self.sums, {}
+        if dist.is_available() and dist.is_initialized():
+            for value in sums.values():
+                dist.all_reduce(value)
+        return sums

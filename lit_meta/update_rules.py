@@ -1,0 +1,128 @@
+"""Update rules of the inner-loop engine (``lit_meta.inner.adapt``): how a gradient becomes a step.
+
+A rule is anything with ``init_state(params)`` and ``__call__(step, params, grads, loss,
+state) -> (new params, state)`` (:class:`UpdateRule`); the engine calls it once per inner
+step, inside ``vmap``, so rules are pure functions of tensors.
+
+- :class:`SGD`: θ ← θ − α∇ with a scalar, per-parameter (Meta-SGD, Li et al. 2017) or
+  per-step (MAML++, Antoniou et al. 2019) rate.
+- :class:`Adam` (Kingma & Ba 2015; β1 = 0 for Reptile, Nichol et al. 2018),
+  :class:`RMSprop` (Tieleman & Hinton 2012) and :class:`NAG` (Nesterov momentum, Sutskever
+  et al. 2013), each as its ``torch.optim`` namesake computes it.
+- :data:`HAND_DESIGNED`: these four by name, from a learning rate with torch.optim's
+  defaults (the baselines a learned optimizer is compared against, Andrychowicz et al. 2016).
+
+Learned rules (an LSTM over all coordinates) see the parameters as one flat vector:
+:func:`flatten` / :func:`unflatten`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+
+
+class UpdateRule(Protocol):
+    def init_state(self, params: Params) -> Any: ...
+
+    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: Any) -> tuple[Params, Any]: ...
+
+
+def flatten(params: Params) -> Tensor:
+    """All coordinates of ``params`` as one vector, in dict order."""
+    return torch.cat([p.reshape(-1) for p in params.values()])
+
+
+def unflatten(flat: Tensor, like: Params) -> Params:
+    """The inverse of :func:`flatten`: ``flat`` cut into tensors shaped (and named) as ``like``."""
+    sizes = [p.numel() for p in like.values()]
+    return {n: t.reshape(p.shape) for (n, p), t in zip(like.items(), flat.split(sizes))}
+
+
+@dataclass
+class SGD:
+    """θ ← θ − α ∇. ``lr`` is a float (MAML), a dict of per-parameter tensors (Meta-SGD), or
+    ``lr(step, name) -> Tensor`` (per-layer per-step rates of MAML++)."""
+
+    lr: float | Params | Callable[[int, str], Tensor]
+
+    def init_state(self, params: Params) -> None:
+        return None
+
+    def rate(self, step: int, name: str) -> float | Tensor:
+        if callable(self.lr):
+            return self.lr(step, name)
+        if isinstance(self.lr, dict):
+            return self.lr[name]
+        return self.lr
+
+    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: None) -> tuple[Params, None]:
+        return {n: p - self.rate(step, n) * grads[n] for n, p in params.items()}, None
+
+
+@dataclass
+class Adam:
+    """Adam on the inner loop, as Reptile uses (Nichol et al. 2018 use β1 = 0)."""
+
+    lr: float
+    betas: tuple[float, float] = (0.0, 0.999)
+    eps: float = 1e-8
+
+    def init_state(self, params: Params) -> tuple[Params, Params]:
+        return ({n: torch.zeros_like(p) for n, p in params.items()}, {n: torch.zeros_like(p) for n, p in params.items()})
+
+    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: tuple[Params, Params]):
+        b1, b2 = self.betas
+        m, v = state
+        t = step + 1
+        m = {n: b1 * m[n] + (1 - b1) * g for n, g in grads.items()}
+        v = {n: b2 * v[n] + (1 - b2) * g * g for n, g in grads.items()}
+        new = {}
+        for n, p in params.items():
+            m_hat = m[n] / (1 - b1**t)
+            v_hat = v[n] / (1 - b2**t)
+            new[n] = p - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+        return new, (m, v)
+
+
+@dataclass
+class RMSprop:
+    """As ``torch.optim.RMSprop``: v ← αv + (1−α)g², θ ← θ − lr g / (√v + ε)."""
+
+    lr: float
+    alpha: float = 0.99
+    eps: float = 1e-8
+
+    def init_state(self, params: Params) -> Params:
+        return {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: Params):
+        v = {n: self.alpha * state[n] + (1 - self.alpha) * g * g for n, g in grads.items()}
+        return {n: p - self.lr * grads[n] / (v[n].sqrt() + self.eps) for n, p in params.items()}, v
+
+
+@dataclass
+class NAG:
+    """Nesterov momentum as ``torch.optim.SGD(nesterov=True)``: b ← μb + g, θ ← θ − lr (g + μb)."""
+
+    lr: float
+    momentum: float = 0.9
+
+    def init_state(self, params: Params) -> Params:
+        return {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: Params):
+        b = {n: self.momentum * state[n] + g for n, g in grads.items()}
+        return {n: p - self.lr * (grads[n] + self.momentum * b[n]) for n, p in params.items()}, b
+
+
+HAND_DESIGNED: dict[str, Callable[[float], UpdateRule]] = {
+    "sgd": SGD,
+    "rmsprop": RMSprop,
+    "adam": lambda lr: Adam(lr, betas=(0.9, 0.999)),  # torch.optim's betas, not Reptile's
+    "nag": NAG,
+}
