@@ -1,6 +1,7 @@
 """All checkpoint I/O: the one atomic writer, and checking, reading and loading checkpoints.
 
-Writing (:func:`atomic_torch_save`, also used for the data caches): the bytes go to a
+Writing (:func:`atomic_torch_save`, also used for the data caches and, through
+:func:`atomic_write`, for results.json): the bytes go to a
 temporary file in the same directory, are fsync-ed, and ``os.replace`` swaps them in
 (atomic on POSIX file systems), so a kill -9 (or a SLURM preemption) mid-write never
 leaves a half-written file where the last complete one was.
@@ -18,7 +19,7 @@ import os
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import pytorch_lightning as pl
 import torch
@@ -32,18 +33,20 @@ MOVED_MODULES = {"lit_meta.algorithms.l2l_lstm": "lit_meta.algorithms.learning_t
 
 # ---------------------------------------------------------------------------- writing
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)``, all or nothing: a temporary file beside ``path``, fsync, rename."""
+    """``torch.save(obj, path)``, all or nothing."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(handle)`` into a temporary file beside ``path``, fsync it, rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # ours alone; the umask applies
-        torch.save(obj, str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the bytes are on disk before the name points at them
-        finally:
-            os.close(fd)
+        with open(tmp, "xb") as handle:  # a new file of ours alone, with the umask's permissions
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

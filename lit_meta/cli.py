@@ -21,7 +21,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
 from lit_meta.algorithms.meta_module import MetaModule
-from lit_meta.checkpoint import SPECIAL_PATHS, check_task_spec, read_hparams, saved_class
+from lit_meta.checkpoint import SPECIAL_PATHS, atomic_write, check_task_spec, read_hparams, saved_class
 from lit_meta.data.base import EpisodicDataModule
 from lit_meta.loggers import slurm_run_id
 
@@ -128,10 +128,7 @@ class MetaCLI(LightningCLI):
         }
         payload.update(model.results_extra())
         path = run_dir / "results.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        tmp.replace(path)
+        atomic_write(path, lambda handle: handle.write(json.dumps(payload, indent=2).encode()))
         for logger in trainer.loggers:
             logger.finalize("success")
         _finish_wandb()

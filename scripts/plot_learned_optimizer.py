@@ -1,4 +1,4 @@
-"""Loss curves of a learned-optimizer run: ``python scripts/plot_l2l.py RESULTS_JSON OUT_PNG [--title T]``.
+"""Loss curves of a learned-optimizer run: ``python scripts/plot_learned_optimizer.py RESULTS_JSON OUT_PNG [--title T]``.
 
 Reads ``loss_curves`` and ``tuned_lr`` that ``LearningToLearn`` puts in results.json
 (mean f(θ_t) over the held-out test functions, t = 0..eval_steps) and draws them on a

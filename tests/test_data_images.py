@@ -115,8 +115,8 @@ def test_cache_goes_under_root_or_elsewhere_when_root_is_read_only(tmp_path, omn
 def test_cache_write_is_atomic(tmp_path, monkeypatch):
     target = tmp_path / "cache.pt"
 
-    def broken_save(obj, path):
-        Path(path).write_bytes(b"half a file")
+    def broken_save(obj, f):  # the cache's writer (lit_meta.checkpoint) streams into a temporary file
+        f.write(b"half a file")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)

@@ -8,7 +8,6 @@ optimizer's loss curves and a model it trained.
 """
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import shutil
@@ -17,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_meta import LearnedOptimizer
 from lit_meta.adapt import adapt
 from lit_meta.algorithms import LearningToLearn, MAMLpp, MetaSGD
 from lit_meta.checkpoint import load_checkpoint
@@ -52,15 +50,6 @@ def assert_same(got, expected) -> None:
                                rtol=1e-4, atol=1e-5)
 
 
-def test_metrics(workdir: Path) -> dict[str, float]:
-    newest = sorted((workdir / "logs").rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)[-1]
-    with open(newest, newline="") as handle:
-        return {k: float(v) for row in csv.DictReader(handle) for k, v in row.items() if v and k.startswith("test/")}
-
-
-test_metrics.__test__ = False  # a helper, not a test
-
-
 def assert_same_metrics(got: dict[str, float], expected: dict[str, float]) -> None:
     assert got.keys() == expected.keys()
     for key in expected:
@@ -88,7 +77,7 @@ def test_sine_checkpoints_adapt_and_test_as_before(algo, run_cli, tmp_path):
     assert_same(result.outputs, expected["adapt_steps3_lr0.005"])
     assert (algo == "metasgd") == any("replaces the learned inner rates" in n for n in result.notices)
     run_cli("test", "--config", str(REPO / "configs" / "sine" / f"{algo}.yaml"), "--ckpt_path", str(ckpt), *SINE)
-    assert_same_metrics(test_metrics(tmp_path), expected["test"])
+    assert_same_metrics(MAKE.test_metrics(tmp_path), expected["test"])
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +101,7 @@ def test_image_checkpoints_adapt_and_test_as_before(algo, cls, omniglot, run_cli
     config = str(REPO / "configs" / "omniglot" / f"{algo}_5w1s.yaml")
     run_cli("test", "--config", config, "--data.root", str(omniglot["root"]), *MAKE.IMAGE, *MAKE.SMALL,
             "--ckpt_path", str(ckpt))
-    assert_same_metrics(test_metrics(tmp_path), expected["test"])
+    assert_same_metrics(MAKE.test_metrics(tmp_path), expected["test"])
 
 
 def test_learned_optimizer_checkpoint_under_its_old_class_path(run_cli, tmp_path):
@@ -121,22 +110,12 @@ def test_learned_optimizer_checkpoint_under_its_old_class_path(run_cli, tmp_path
     batch = OptimizeeDataModule(Quadratic()).eval_batch("test", 0).slice(0, 4)
     assert_same(model.loss_curves(batch, model.update_rule(False), steps=20), expected["loss_curves"])
 
-    g = torch.Generator().manual_seed(3)
-    x, w = torch.randn(32, 5, generator=g), torch.randn(5, 1, generator=g)
-    y = x @ w
-    torch.manual_seed(0)
-    net = torch.nn.Linear(5, 1)
-    opt = LearnedOptimizer(net.parameters(), checkpoint=ckpt)
-    for _ in range(20):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(net(x), y).backward()
-        opt.step()
-    for p, values in zip(net.parameters(), expected["learned_optimizer_linear"]):
-        assert_same(p.detach().reshape(-1), values)
+    for got, values in zip(MAKE.train_linear(ckpt), expected["learned_optimizer_linear"], strict=True):
+        assert_same(got, values)  # LearnedOptimizer(checkpoint=ckpt) training a linear model
 
     run_cli("test", "--config", str(REPO / "configs" / "learning_to_learn" / "quadratic.yaml"),
             "--ckpt_path", str(ckpt), *QUADRATIC)
-    assert_same_metrics(test_metrics(tmp_path), expected["test"])
+    assert_same_metrics(MAKE.test_metrics(tmp_path), expected["test"])
     with pytest.raises(ValueError, match="learned optimizer .* no task to adapt"):
         adapt(ckpt, FIXTURES / "sine_support.csv", FIXTURES / "sine_query.csv")
 

@@ -6,24 +6,6 @@ calls them, ``vmap``-ed over a meta-batch, is :mod:`lit_meta.algorithms.episodic
 meta-optimizer, schedule, meta-step and checkpoint plumbing come from
 :class:`~lit_meta.algorithms.meta_module.MetaModule`; evaluation reports the mean and
 95% CI over the fixed test tasks (:mod:`lit_meta.metrics`).
-
-Hooks an algorithm may override (MAML overrides none but ``algorithm_name``):
-
-- what adapts: ``adapt_names()`` (ANIL: the head), ``inner_params()``;
-- how it adapts: ``update_rule(training)`` (Meta-SGD, MAML++, Reptile, Meta-LSTM),
-  ``first_order_at(training)`` (MAML++: derivative-order annealing);
-- what a task contributes: ``trace_inner(training)``, ``query_objective(...)`` (MAML++:
-  multi-step loss), ``extra_task_outputs(...)`` and ``absorb_task_outputs(out)`` (MAML++:
-  per-step BN statistics out of vmap, into the buffers), ``predict(...)`` (MAML++: BNRS),
-  ``forward_fn``, ``loss_fn``, ``accuracy``;
-- the meta-step: ``outer_update(batch)`` (Reptile, Transfer);
-- evaluation and adaptation to a new task (``lit_meta.adapt``): ``evaluation_mode(on)``
-  (MAML++: per-step running statistics), ``set_inner_lr(lr)`` (Meta-SGD, MAML++: the
-  learned rates; Meta-LSTM: refuses), ``resize_head(ways)`` (Meta-SGD: the head's rates);
-- reporting: ``algorithm_name`` (MAML: fomaml when first order), ``results_extra()``,
-  ``monitor``, ``meta_parameters()``.
-
-No algorithm overrides a Lightning hook or a private method.
 """
 from __future__ import annotations
 
@@ -35,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from lit_meta.algorithms import episodic
+from lit_meta.algorithms.episodic import adapt_task, outer_update_in_chunks, run_tasks
 from lit_meta.algorithms.meta_module import MetaModule
 from lit_meta.inner import Adapted, Params
 from lit_meta.metrics import mean_ci95
@@ -45,6 +27,27 @@ from lit_meta.update_rules import SGD, UpdateRule
 
 
 class MetaLearner(MetaModule):
+    """A few-shot meta-learning algorithm: MAML as it stands; the others override hooks.
+
+    Hooks an algorithm may override (MAML overrides none but ``algorithm_name``):
+
+    - what adapts: ``adapt_names()`` (ANIL: the head), ``inner_params()``;
+    - how it adapts: ``update_rule(training)`` (Meta-SGD, MAML++, Reptile, Meta-LSTM),
+      ``first_order_at(training)`` (MAML++: derivative-order annealing);
+    - what a task contributes: ``trace_inner(training)``, ``query_objective(...)`` (MAML++:
+      multi-step loss), ``extra_task_outputs(...)`` and ``absorb_task_outputs(out)`` (MAML++:
+      per-step BN statistics out of vmap, into the buffers), ``predict(...)`` (MAML++: BNRS),
+      ``forward_fn``, ``loss_fn``, ``accuracy``;
+    - the meta-step: ``outer_update(batch)`` (Reptile, Transfer);
+    - evaluation and adaptation to a new task (``lit_meta.adapt``): ``evaluation_mode(on)``
+      (MAML++: per-step running statistics), ``set_inner_lr(lr)`` (Meta-SGD, MAML++: the
+      learned rates; Meta-LSTM: refuses), ``resize_head(ways)`` (Meta-SGD: the head's rates);
+    - reporting: ``algorithm_name`` (MAML: fomaml when first order), ``results_extra()``,
+      ``monitor``, ``meta_parameters()``.
+
+    No algorithm overrides a Lightning hook or a private method.
+    """
+
     def __init__(
         self,
         task_spec: dict[str, Any],
@@ -148,12 +151,12 @@ class MetaLearner(MetaModule):
     def adapt_task(self, params: Params, support_x: Tensor, support_y: Tensor, steps: int,
                    first_order: bool, training: bool, trace: bool = False) -> Adapted:
         """One task's inner loop (:func:`lit_meta.algorithms.episodic.adapt_task`)."""
-        return episodic.adapt_task(self, params, support_x, support_y, steps, first_order, training, trace)
+        return adapt_task(self, params, support_x, support_y, steps, first_order, training, trace)
 
     def run_tasks(self, batch: TaskBatch, steps: int, first_order: bool, training: bool,
                   differentiable: bool | None = None, absorb: bool = True) -> dict[str, Any]:
         """Every task of ``batch``, vmapped (:func:`lit_meta.algorithms.episodic.run_tasks`)."""
-        return episodic.run_tasks(self, batch, steps, first_order, training, differentiable, absorb)
+        return run_tasks(self, batch, steps, first_order, training, differentiable, absorb)
 
     def outer_update(self, batch: TaskBatch) -> dict[str, Tensor]:
         """Adapt the batch's tasks and step the meta-optimizer. MAML: query losses.
@@ -162,7 +165,7 @@ class MetaLearner(MetaModule):
         (:func:`lit_meta.algorithms.episodic.outer_update_in_chunks`), the same update."""
         chunk = self.task_chunk_size
         if chunk is not None and chunk < batch.num_tasks:
-            return episodic.outer_update_in_chunks(self, batch, chunk)
+            return outer_update_in_chunks(self, batch, chunk)
         out = self.run_tasks(batch, self.inner_steps, first_order=self.first_order_at(True), training=True)
         self.meta_step(self, out["updates"], query_losses=out["query_loss"])
         return out

@@ -15,8 +15,12 @@ Lightning steps: one training step is one truncation (one meta-update); the LSTM
 and θ are carried to the next step, and every ``unroll / truncation`` steps a fresh
 batch of functions starts (on a mid-unroll resume, the next batch starts afresh).
 Evaluation runs ``eval_steps`` steps of the learned optimizer and of SGD, RMSprop, Adam
-and NAG (learning rates tuned on training-family functions by a grid) through the same
-engine, on the fixed held-out functions of the DataModule.
+and NAG (``lit_meta.update_rules``; learning rates tuned on training-family functions by
+a grid) through the same engine, on the fixed held-out functions of the DataModule.
+
+It extends :class:`~lit_meta.algorithms.meta_module.MetaModule` (meta-optimizer, schedule,
+meta-step, evaluation epochs with mean and CI), not ``MetaLearner``: there is no network
+that adapts per task here, the network *is* the optimizer.
 """
 from __future__ import annotations
 
