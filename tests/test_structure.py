@@ -127,3 +127,12 @@ def test_every_hook_an_algorithm_overrides_is_documented_and_public():
 def test_every_module_imports_first_in_a_fresh_interpreter(name):
     result = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr.strip().splitlines()[-1:]
+
+
+def test_readme_tree_names_every_module():
+    """README's "How it works" tree matches the files: each module of lit_meta is in it."""
+    readme = (REPO / "README.md").read_text()
+    tree = readme.split("## How it works", 1)[1].split("```")[1]
+    missing = [str(p.relative_to(REPO)) for p in sorted(PACKAGE.rglob("*.py"))
+               if p.name != "__init__.py" and p.name not in tree]
+    assert not missing, f"README's How it works tree does not name {missing}"
