@@ -44,6 +44,7 @@ import torch
 import lit_meta
 from lit_meta.algorithms.base import MetaLearner
 from lit_meta.bench.case import Case, CaseData, build_data, build_ours
+from lit_meta.bench.learn2learn_baseline import build_learn2learn
 
 SIDES = ("ours", "learn2learn")
 Step = Callable[[], None]
@@ -72,8 +73,6 @@ def build_sides(case: Case, sides: Iterable[str] = ("ours",)) -> CaseSides:
     if "ours" in sides:
         steps["ours"] = ours
     if "learn2learn" in sides:
-        from lit_meta.bench.learn2learn_baseline import build_learn2learn
-
         steps["learn2learn"] = build_learn2learn(case, model.net, data.images)
     return CaseSides(steps, data, model)
 
