@@ -17,32 +17,9 @@ import time
 import torch
 
 from lit_meta.algorithms import MAML
+from lit_meta.bench.case import TensorTasks
 from lit_meta.data.base import EpisodicDataModule
 from lit_meta.data.sine import SineDataModule
-from lit_meta.tasks import TaskBatch, task_spec
-
-
-class RandomImages(EpisodicDataModule):
-    """Omniglot-shaped episodes (1x28x28, ways x shots) from an in-memory random pool:
-    the same batched-gather sampling cost as the real DataModule, without needing the data."""
-
-    def __init__(self, ways: int, shots: int, queries: int, meta_batch_size: int) -> None:
-        super().__init__(meta_batch_size)
-        self.ways, self.shots, self.queries = ways, shots, queries
-        self.pool = torch.rand(200, 20, 1, 28, 28)
-
-    @property
-    def task_spec(self):
-        return task_spec("omniglot-shape", "classification", [1, 28, 28], self.ways)
-
-    def sample_tasks(self, split: str, generator: torch.Generator, num_tasks: int) -> TaskBatch:
-        classes = torch.rand(num_tasks, self.pool.shape[0], generator=generator).argsort(1)[:, : self.ways]
-        draws = torch.rand(num_tasks, self.ways, 20, generator=generator).argsort(2)[..., : self.shots + self.queries]
-        images = self.pool[classes[..., None], draws]  # [T, ways, shots+queries, C, H, W]
-        labels = torch.arange(self.ways).view(1, self.ways, 1).expand(num_tasks, -1, self.shots + self.queries)
-        s, q = self.shots, self.queries
-        flat = lambda t: t.reshape(num_tasks, -1, *t.shape[3:])  # noqa: E731
-        return TaskBatch(flat(images[:, :, :s]), flat(labels[:, :, :s]), flat(images[:, :, s:]), flat(labels[:, :, s:]))
 
 
 def main() -> None:
@@ -61,7 +38,10 @@ def main() -> None:
         model = MAML(dm.task_spec, inner_lr=0.01, inner_steps=args.inner_steps, first_order=args.first_order)
     else:
         batch_size = args.meta_batch_size or 32
-        dm = RandomImages(5, 1, 1, batch_size)
+        # Omniglot-shaped episodes (1x28x28) from an in-memory random pool of 200 classes x 20:
+        # the same batched-gather sampling cost as the real DataModule, without the data.
+        pool = torch.rand(200, 20, 1, 28, 28)
+        dm = TensorTasks(pool, ways=5, shots=1, queries=1, meta_batch_size=batch_size, dataset="omniglot-shape")
         model = MAML(dm.task_spec, inner_lr=0.4, inner_steps=args.inner_steps, first_order=args.first_order)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 

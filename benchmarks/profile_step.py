@@ -2,8 +2,8 @@
 
     python benchmarks/profile_step.py --threads 1 --steps 5
 
-Builds both sides exactly as ``benchmarks/speed.py`` does (same flags, same network, same
-tasks), runs ``--warmup`` steps, then profiles ``--steps`` steps of each side with
+Builds both sides exactly as ``benchmarks/speed.py`` does (``lit_meta.bench``: the same
+case flags, network and tasks), runs ``--warmup`` steps, then profiles ``--steps`` steps of each side with
 ``torch.profiler`` (CPU activities, no shapes). Prints one JSON line per side: profiled
 ms per step, the convolution kernels' self time per step (``mkldnn_convolution``,
 ``convolution_backward`` and the ``convolution`` wrappers' own time), the share of that
@@ -18,22 +18,22 @@ of it any change outside the convolution kernels can still remove.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
-from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # noqa: E402
+from lit_meta.bench.case import add_case_arguments, case_from_args
+from lit_meta.bench.measure import add_timing_arguments, build_sides
 
 CONVOLUTION_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
                    "aten::convolution", "aten::thnn_conv2d", "aten::_slow_conv2d_forward",
                    "aten::_slow_conv2d_backward")
 
 
-def profile_side(step, warmup: int, steps: int) -> dict:
+def profile_side(step: Callable[[], None], warmup: int, steps: int) -> dict[str, Any]:
     for _ in range(warmup):
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -48,18 +48,25 @@ def profile_side(step, warmup: int, steps: int) -> dict:
             "top_self_ms": {key: round(ms, 1) for key, ms in top}}
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_case_arguments(p)
+    add_timing_arguments(p)
+    return p.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = speed.parse_args(argv)
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type != "cpu":
+    case = case_from_args(args)
+    if case.device != "cpu":
         raise SystemExit(f"--device {args.device}: this profile reads CPU self time; use the CPU")
-    sides, _, _ = speed.build_sides(args, device)
-    for name, step in sides.items():
+    sides = ["ours", "learn2learn"] if args.compare == "learn2learn" else ["ours"]
+    for name, step in build_sides(case, sides).steps.items():
         result = profile_side(step, args.warmup, args.steps)
-        print(json.dumps({"side": "learn2learn" if name == "baseline" else name, "algorithm": args.algorithm, "meta_batch_size": args.meta_batch_size,
-                          "inner_steps": args.inner_steps, "threads": torch.get_num_threads(), **result}))
+        print(json.dumps({"side": name, "algorithm": case.algorithm, "meta_batch_size": case.meta_batch_size,
+                          "inner_steps": case.inner_steps, "threads": torch.get_num_threads(), **result}))
 
 
 if __name__ == "__main__":

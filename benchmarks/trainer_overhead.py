@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from datetime import date
@@ -33,10 +32,7 @@ from statistics import median
 import pytorch_lightning as pl
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lit_meta.cli import MetaCLI  # noqa: E402
+from lit_meta.cli import DEFAULT_CONFIG, MetaCLI
 
 
 class TrainTimer(pl.Callback):
@@ -105,7 +101,7 @@ def floor(steps: int, workdir: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "sine" / "maml.yaml"))
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--floor", action="store_true", help="time the Trainer around an empty step instead")

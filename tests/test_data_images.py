@@ -487,7 +487,6 @@ def test_pools_and_episodes_live_on_the_data_device(tmp_path, omni_npz, monkeypa
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_episodes_on_gpu_match_the_cpu(tmp_path, omni_npz, monkeypatch):
     cpu = omniglot(omni_npz, cache_dir=str(tmp_path))
     cpu.setup()

@@ -1,5 +1,6 @@
 """CUDA: the engine's meta-gradient on the GPU equals the CPU one, and mixed-precision
-meta-steps there are finite. Skipped without a CUDA device (CI has none)."""
+meta-steps there are finite. Marked ``gpu``: ``pytest -m gpu`` runs exactly these; without a
+CUDA device tests/conftest.py skips them (CI has none)."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,7 @@ from lit_meta.algorithms import MAML
 from lit_meta.data.sine import SineDataModule
 from lit_meta.tasks import TaskBatch, task_spec
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.gpu
 
 
 def _meta_grad(model: MAML, batch: TaskBatch) -> dict[str, torch.Tensor]:

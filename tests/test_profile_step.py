@@ -1,19 +1,13 @@
 """benchmarks/profile_step.py attributes a step's time to the convolution kernels or not."""
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import load_benchmark
+from benchmarks import profile_step
 
 
-@pytest.fixture(scope="module")
-def profile_step():
-    return load_benchmark("profile_step")
-
-
-def test_convolution_share_separates_convolution_from_elementwise_work(profile_step, one_thread):
+def test_convolution_share_separates_convolution_from_elementwise_work(one_thread):
     x = torch.randn(8, 16, 32, 32, requires_grad=True)
     weight = torch.randn(16, 16, 3, 3, requires_grad=True)
 

@@ -1,4 +1,4 @@
-"""benchmarks/speed.py against learn2learn: the short CI mode runs both sides, and the two
+"""benchmarks/speed.py (over lit_meta.bench) against learn2learn: the short CI mode runs both sides, and the two
 sides compute the same meta-gradient (so the timing compares like with like).
 
 Skipped without learn2learn (``bash benchmarks/install_learn2learn.sh``).
@@ -12,21 +12,16 @@ import math
 import pytest
 import torch
 
-from tests.conftest import load_benchmark
+from benchmarks import speed
+from lit_meta.bench.case import Case, build_data, build_ours
 
 l2l = pytest.importorskip("learn2learn")
-
-
-@pytest.fixture(scope="module")
-def speed():
-    return load_benchmark("speed")
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("extra", [[], ["--algorithm", "fomaml", "--baseline-sampler", "taskdataset"]])
-def test_short_mode_runs_both_sides(speed, capsys, extra):
+def test_short_mode_runs_both_sides(capsys, extra):
     speed.main(["--short", "--random-images", "--threads", "1", *extra])
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("ours_tasks_per_s", "baseline_tasks_per_s", "ratio"):
@@ -37,25 +32,24 @@ def test_short_mode_runs_both_sides(speed, capsys, extra):
 # Second order through conv4's BatchNorm: the reason conv4 does not use nn.BatchNorm2d,
 # whose vmap batching rule gets double backward wrong (pytorch/functorch#534).
 @pytest.mark.parametrize("first_order", [False, True])
-def test_both_sides_compute_the_same_meta_gradient(speed, first_order):
+def test_both_sides_compute_the_same_meta_gradient(first_order):
     """Our vmapped run_tasks and learn2learn's clone/adapt loop agree to float32 round-off
     (rtol 1e-3, atol 1e-5) on one meta-batch, second and first order."""
-    args = speed.parse_args(["--random-images", "--meta-batch-size", "4", "--inner-steps", "2", "--inner-lr", "0.1"]
-                            + (["--first-order"] if first_order else []))
-    dm, _, _ = speed.build_data(args, torch.device("cpu"))
-    model, _ = speed.build_ours(args, dm, torch.device("cpu"))
-    batch = dm.train_batch(0)
+    case = Case(random_images=True, meta_batch_size=4, inner_steps=2, inner_lr=0.1, first_order=first_order)
+    data = build_data(case)
+    model, _ = build_ours(case, data)
+    batch = data.datamodule.train_batch(0)
 
-    out = model.run_tasks(batch, args.inner_steps, first_order=first_order, training=True)
+    out = model.run_tasks(batch, case.inner_steps, first_order=first_order, training=True)
     out["query_loss"].mean().backward()
     ours = [p.grad.clone() for p in model.net.parameters()]
 
-    maml = l2l.algorithms.MAML(copy.deepcopy(model.net), lr=args.inner_lr, first_order=first_order)
+    maml = l2l.algorithms.MAML(copy.deepcopy(model.net), lr=case.inner_lr, first_order=first_order)
     maml.zero_grad()
     loss = torch.nn.CrossEntropyLoss()
     for t in range(batch.num_tasks):
         learner = maml.clone()
-        for _ in range(args.inner_steps):
+        for _ in range(case.inner_steps):
             learner.adapt(loss(learner(batch.support_x[t]), batch.support_y[t]))
         (loss(learner(batch.query_x[t]), batch.query_y[t]) / batch.num_tasks).backward()
     theirs = [p.grad for p in maml.parameters()]

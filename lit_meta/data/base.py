@@ -12,6 +12,15 @@ always drawn for the *global* ``meta_batch_size``; DDP rank ``r`` of ``W`` keeps
 
 Validation and test tasks are chunk ``c`` of ``derive_seed(seed, split, c)``: the same
 tasks in every run, whatever the world size (chunks are dealt round-robin to ranks).
+
+Constructor arguments: the options every DataModule shares are keyword-only, with their
+defaults, in the base classes here (:class:`EpisodicDataModule`: the task stream;
+:class:`FewShotDataModule`: N-way K-shot episode sizes). A dataset's ``__init__`` states
+only its own options (and any shared one whose default it changes, e.g. Omniglot's
+``meta_batch_size: int = 32``) and passes ``**kwargs`` on to ``super().__init__``.
+LightningCLI (jsonargparse) follows that ``**kwargs`` into the base signatures by reading
+the source, so ``--data.init_args.<shared option>`` and its type and default stay on the
+command line and in configs.
 """
 from __future__ import annotations
 
@@ -49,6 +58,7 @@ class EpisodicDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
+        *,
         meta_batch_size: int = 4,
         eval_batch_size: int | None = None,
         val_tasks: int = 100,
@@ -125,6 +135,45 @@ class EpisodicDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(_EvalTasks(self, "test"), batch_size=None, num_workers=0)
+
+
+class FewShotDataModule(EpisodicDataModule):
+    """N-way K-shot classification episodes: ``ways`` classes per task, ``shots`` support and
+    ``queries`` query examples per class. Validation and test use ``eval_ways`` /
+    ``eval_shots`` / ``eval_queries``, each defaulting to its training value; the network
+    gets ``max(ways, eval_ways)`` outputs (:attr:`num_outputs`)."""
+
+    def __init__(
+        self,
+        *,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        eval_ways: int | None = None,
+        eval_shots: int | None = None,
+        eval_queries: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        for option, value in (("ways", ways), ("shots", shots), ("queries", queries)):
+            check_positive(option, value)
+        for option, value in (("eval_ways", eval_ways), ("eval_shots", eval_shots), ("eval_queries", eval_queries)):
+            if value is not None:
+                check_positive(option, value)
+        self.ways, self.shots, self.queries = ways, shots, queries
+        self.eval_ways = ways if eval_ways is None else eval_ways
+        self.eval_shots = shots if eval_shots is None else eval_shots
+        self.eval_queries = queries if eval_queries is None else eval_queries
+
+    @property
+    def num_outputs(self) -> int:
+        return max(self.ways, self.eval_ways)
+
+    def episode(self, split: str) -> tuple[int, int, int]:
+        """``(ways, shots, queries)`` of ``split``'s tasks."""
+        if split == "train":
+            return self.ways, self.shots, self.queries
+        return self.eval_ways, self.eval_shots, self.eval_queries
 
 
 class _StepLoader(DataLoader):

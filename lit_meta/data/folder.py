@@ -60,26 +60,11 @@ class ImageFolderDataModule(ImageEpisodicDataModule):
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         split_seed: int = 0,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        eval_ways: int | None = None,
-        eval_shots: int | None = None,
-        eval_queries: int | None = None,
-        image_size: int = 84,
-        channels: int = 3,
-        invert: bool = False,
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
-        rotations: bool = False,
-        cache_dir: str | None = None,
-        meta_batch_size: int = 4,
-        eval_batch_size: int | None = None,
-        val_tasks: int = 100,
-        test_tasks: int = 600,
-        steps_per_epoch: int = 500,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
+        # How the class folders split; the input pipeline (``image_size``, ``channels``,
+        # ``invert``, ``mean``, ``std``, ``rotations``), episode sizes and task stream are
+        # the base classes' keyword-only arguments, all of them options here.
         if split not in SPLIT_MODES:
             raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
         for option, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -87,10 +72,7 @@ class ImageFolderDataModule(ImageEpisodicDataModule):
                 raise ValueError(f"{option} must be in [0, 1), got {value}")
         if val_fraction + test_fraction >= 1:
             raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
-        super().__init__(root, ways, shots, queries, eval_ways, eval_shots, eval_queries, image_size,
-                         channels=channels, invert=invert, mean=mean, std=std, rotations=rotations,
-                         cache_dir=cache_dir, meta_batch_size=meta_batch_size, eval_batch_size=eval_batch_size,
-                         val_tasks=val_tasks, test_tasks=test_tasks, steps_per_epoch=steps_per_epoch, seed=seed)
+        super().__init__(root=root, **kwargs)
         self.split, self.split_seed = split, split_seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_meta.data.base import SPLITS, EpisodicDataModule, check_positive
+from lit_meta.data.base import SPLITS, FewShotDataModule, check_positive
 from lit_meta.tasks import TaskBatch, task_spec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -254,12 +254,17 @@ def load_cache(path: Path, key: str) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------- the DataModule base
-class ImageEpisodicDataModule(EpisodicDataModule):
+class ImageEpisodicDataModule(FewShotDataModule):
     """N-way K-shot classification episodes from in-memory class pools.
 
-    Train episodes use ``ways`` / ``shots`` / ``queries`` (queries per class); validation
-    and test use ``eval_ways`` / ``eval_shots`` / ``eval_queries``, each defaulting to its
-    training value. The network gets ``max(ways, eval_ways)`` outputs.
+    The episode sizes (``ways`` / ``shots`` / ``queries`` and their ``eval_*`` values) are
+    :class:`~lit_meta.data.base.FewShotDataModule`'s, the task stream's options
+    (``meta_batch_size``, ``seed``, ...) :class:`~lit_meta.data.base.EpisodicDataModule`'s;
+    all keyword-only, reached through ``**kwargs``. Here: where the images are (``root``,
+    ``cache_dir``) and the input pipeline (``image_size``, ``channels``, ``invert``,
+    ``mean`` / ``std`` per channel, defaulting to 0 / 1) and train-time ``rotations``.
+    A dataset whose pipeline is fixed passes those values to ``super().__init__``
+    itself (Omniglot: ``channels=1, invert=True``), so they are not options of it.
 
     Subclasses implement :meth:`build_pools`: the three splits' pools, on the CPU, from
     the cache (built if missing). ``setup`` checks the episode sizes against them and
@@ -268,37 +273,19 @@ class ImageEpisodicDataModule(EpisodicDataModule):
 
     def __init__(
         self,
+        *,
         root: str,
-        ways: int,
-        shots: int,
-        queries: int,
-        eval_ways: int | None,
-        eval_shots: int | None,
-        eval_queries: int | None,
-        image_size: int,
-        channels: int,
-        invert: bool,
-        mean: Sequence[float] | None,
-        std: Sequence[float] | None,
-        rotations: bool,
-        cache_dir: str | None,
-        meta_batch_size: int,
-        eval_batch_size: int | None,
-        val_tasks: int,
-        test_tasks: int,
-        steps_per_epoch: int,
-        seed: int,
+        image_size: int = 84,
+        channels: int = 3,
+        invert: bool = False,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        rotations: bool = False,
+        cache_dir: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(meta_batch_size, eval_batch_size, val_tasks, test_tasks, steps_per_epoch, seed)
-        for option, value in (("ways", ways), ("shots", shots), ("queries", queries), ("image_size", image_size)):
-            check_positive(option, value)
-        self.ways, self.shots, self.queries = ways, shots, queries
-        for option, value in (("eval_ways", eval_ways), ("eval_shots", eval_shots), ("eval_queries", eval_queries)):
-            if value is not None:
-                check_positive(option, value)
-        self.eval_ways = ways if eval_ways is None else eval_ways
-        self.eval_shots = shots if eval_shots is None else eval_shots
-        self.eval_queries = queries if eval_queries is None else eval_queries
+        super().__init__(**kwargs)
+        check_positive("image_size", image_size)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
         mean = [0.0] * channels if mean is None else [float(m) for m in mean]
@@ -326,7 +313,7 @@ class ImageEpisodicDataModule(EpisodicDataModule):
     @property
     def task_spec(self) -> dict[str, Any]:
         shape = [self.channels, self.image_size, self.image_size]
-        return task_spec(self.name, "classification", shape, max(self.ways, self.eval_ways),
+        return task_spec(self.name, "classification", shape, self.num_outputs,
                          image_size=self.image_size, channels=self.channels, invert=self.invert,
                          mean=list(self.mean), std=list(self.std), resize=RESIZE, **self.spec_extra())
 
@@ -360,11 +347,6 @@ class ImageEpisodicDataModule(EpisodicDataModule):
                                  f"{pool.min_count} images of class {small!r} ({split} split of {self.root})")
         self.pools = {s: ClassPool(p.images, p.counts, p.names, s == "train" and self.rotations).to(device)
                       for s, p in pools.items()}
-
-    def episode(self, split: str) -> tuple[int, int, int]:
-        if split == "train":
-            return self.ways, self.shots, self.queries
-        return self.eval_ways, self.eval_shots, self.eval_queries
 
     def sample_tasks(self, split: str, generator: torch.Generator, num_tasks: int) -> TaskBatch:
         if not self.pools:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lit_meta.data.base import EpisodicDataModule, check_positive
+from lit_meta.data.base import FewShotDataModule
 from lit_meta.tasks import TaskBatch, task_spec
 
 INSTALL_HINT = ("learn2learn is not installed; it is an optional extra: run "
@@ -72,7 +72,7 @@ def split_task(data: Tensor, labels: Tensor, ways: int, shots: int, queries: int
     return (data[support_idx], local.repeat_interleave(shots), data[query_idx], local.repeat_interleave(queries))
 
 
-class Learn2LearnDataModule(EpisodicDataModule):
+class Learn2LearnDataModule(FewShotDataModule):
     """Episodes from learn2learn tasksets, as our ``TaskBatch``.
 
     ``tasksets`` is anything with ``.train`` / ``.validation`` / ``.test`` (learn2learn's
@@ -90,23 +90,14 @@ class Learn2LearnDataModule(EpisodicDataModule):
         train: Any = None,
         validation: Any = None,
         test: Any = None,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 1,
-        eval_ways: int | None = None,
-        eval_shots: int | None = None,
-        eval_queries: int | None = None,
         input_shape: Sequence[int] | None = None,
         dataset: str = "learn2learn",
+        queries: int = 1,
         meta_batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        val_tasks: int = 100,
-        test_tasks: int = 600,
-        steps_per_epoch: int = 500,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         require_learn2learn()
-        super().__init__(meta_batch_size, eval_batch_size, val_tasks, test_tasks, steps_per_epoch, seed)
+        super().__init__(queries=queries, meta_batch_size=meta_batch_size, **kwargs)
         if tasksets is not None:
             if any(t is not None for t in (train, validation, test)):
                 raise ValueError("give either tasksets or train/validation/test, not both")
@@ -114,15 +105,6 @@ class Learn2LearnDataModule(EpisodicDataModule):
         if train is None:
             raise ValueError("Learn2LearnDataModule needs a train taskset")
         self.tasksets = {"train": train, "val": validation, "test": test}
-        for option, value in (("ways", ways), ("shots", shots), ("queries", queries)):
-            check_positive(option, value)
-        self.ways, self.shots, self.queries = ways, shots, queries
-        self.eval_ways = ways if eval_ways is None else eval_ways
-        self.eval_shots = shots if eval_shots is None else eval_shots
-        self.eval_queries = queries if eval_queries is None else eval_queries
-        for option, value in (("eval_ways", self.eval_ways), ("eval_shots", self.eval_shots),
-                              ("eval_queries", self.eval_queries)):
-            check_positive(option, value)
         self.dataset = dataset
         self._input_shape = list(input_shape) if input_shape is not None else None
 
@@ -131,12 +113,7 @@ class Learn2LearnDataModule(EpisodicDataModule):
         if self._input_shape is None:
             batch = self.sample_tasks("train", torch.Generator().manual_seed(0), 1)
             self._input_shape = list(batch.support_x.shape[2:])
-        return task_spec(self.dataset, "classification", self._input_shape, max(self.ways, self.eval_ways))
-
-    def episode(self, split: str) -> tuple[int, int, int]:
-        if split == "train":
-            return self.ways, self.shots, self.queries
-        return self.eval_ways, self.eval_shots, self.eval_queries
+        return task_spec(self.dataset, "classification", self._input_shape, self.num_outputs)
 
     def sample_tasks(self, split: str, generator: torch.Generator, num_tasks: int) -> TaskBatch:
         taskset = self.tasksets[split]

@@ -109,28 +109,14 @@ class MiniImageNetDataModule(ImageEpisodicDataModule):
     def __init__(
         self,
         root: str = "data/miniimagenet",
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        eval_ways: int | None = None,
-        eval_shots: int | None = None,
-        eval_queries: int | None = None,
         image_size: int = 84,
         mean: list[float] | None = list(MEAN),
         std: list[float] | None = list(STD),
-        rotations: bool = False,
-        cache_dir: str | None = None,
-        meta_batch_size: int = 4,
-        eval_batch_size: int | None = None,
-        val_tasks: int = 100,
-        test_tasks: int = 600,
-        steps_per_epoch: int = 500,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(root, ways, shots, queries, eval_ways, eval_shots, eval_queries, image_size,
-                         channels=3, invert=False, mean=mean, std=std, rotations=rotations, cache_dir=cache_dir,
-                         meta_batch_size=meta_batch_size, eval_batch_size=eval_batch_size, val_tasks=val_tasks,
-                         test_tasks=test_tasks, steps_per_epoch=steps_per_epoch, seed=seed)
+        # miniImageNet's own defaults (84 px RGB, its channel statistics); everything else
+        # is the base classes' keyword-only arguments (``ways``, ``meta_batch_size``, ...).
+        super().__init__(root=root, image_size=image_size, channels=3, invert=False, mean=mean, std=std, **kwargs)
 
     def find_layout(self) -> tuple[str, list[Path]]:
         self.check_root()

@@ -157,30 +157,20 @@ class OmniglotDataModule(ImageEpisodicDataModule):
         self,
         root: str = "data/omniglot",
         split: str = "finn",
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        eval_ways: int | None = None,
-        eval_shots: int | None = None,
-        eval_queries: int | None = None,
-        image_size: int = 28,
-        rotations: bool = True,
         split_seed: int = 0,
         download: bool = False,
-        cache_dir: str | None = None,
+        image_size: int = 28,
+        rotations: bool = True,
         meta_batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        val_tasks: int = 100,
-        test_tasks: int = 600,
-        steps_per_epoch: int = 500,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
+        # Omniglot's own options; the shared ones (``ways``, ``shots``, ``queries``,
+        # ``eval_*``, ``cache_dir``, ``eval_batch_size``, ``val_tasks``, ...) are the base
+        # classes' keyword-only arguments. Gray, ink inverted, no normalisation.
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        super().__init__(root, ways, shots, queries, eval_ways, eval_shots, eval_queries, image_size,
-                         channels=1, invert=True, mean=None, std=None, rotations=rotations, cache_dir=cache_dir,
-                         meta_batch_size=meta_batch_size, eval_batch_size=eval_batch_size, val_tasks=val_tasks,
-                         test_tasks=test_tasks, steps_per_epoch=steps_per_epoch, seed=seed)
+        super().__init__(root=root, image_size=image_size, channels=1, invert=True, mean=None, std=None,
+                         rotations=rotations, meta_batch_size=meta_batch_size, **kwargs)
         self.split, self.split_seed, self.download = split, split_seed, download
 
     def spec_extra(self) -> dict[str, Any]:

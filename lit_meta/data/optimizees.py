@@ -164,9 +164,8 @@ class OptimizeeDataModule(EpisodicDataModule):
     name = "optimizees"
 
     def __init__(self, family: OptimizeeFamily | None = None, meta_batch_size: int = 128,
-                 eval_batch_size: int | None = None, val_tasks: int = 128, test_tasks: int = 512,
-                 steps_per_epoch: int = 500, seed: int = 0) -> None:
-        super().__init__(meta_batch_size, eval_batch_size, val_tasks, test_tasks, steps_per_epoch, seed)
+                 val_tasks: int = 128, test_tasks: int = 512, **kwargs: Any) -> None:
+        super().__init__(meta_batch_size=meta_batch_size, val_tasks=val_tasks, test_tasks=test_tasks, **kwargs)
         self.family = Quadratic() if family is None else family
         if not isinstance(self.family, OptimizeeFamily):
             raise ValueError(f"family must be an OptimizeeFamily, got {type(self.family).__name__}")

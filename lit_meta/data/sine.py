@@ -33,9 +33,10 @@ class SineDataModule(EpisodicDataModule):
     name = "sine"
 
     def __init__(self, shots: int = 10, queries: int | None = None, meta_batch_size: int = 25,
-                 eval_batch_size: int | None = 100, val_tasks: int = 100, test_tasks: int = 600,
-                 steps_per_epoch: int = 500, seed: int = 0) -> None:
-        super().__init__(meta_batch_size, eval_batch_size, val_tasks, test_tasks, steps_per_epoch, seed)
+                 eval_batch_size: int | None = 100, **kwargs: Any) -> None:
+        # K support (``shots``) and query points per task (``queries``, default K); the
+        # rest of the task stream's options are :class:`EpisodicDataModule`'s.
+        super().__init__(meta_batch_size=meta_batch_size, eval_batch_size=eval_batch_size, **kwargs)
         check_positive("shots", shots)
         if queries is not None:
             check_positive("queries", queries)
