@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_meta.algorithms.base import MetaLearner
-from lit_meta.data.images import IMAGE_EXTENSIONS, decode_image, normalize, preprocess_list
+from lit_meta.data.images import IMAGE_EXTENSIONS, decode_image, normalize, pipeline_options, preprocess_list
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
@@ -172,7 +172,8 @@ def load_images(paths: list[Path], spec: dict[str, Any], skip_bad: bool,
         notices.append(f"note: converted {converted} image(s)")
     if not arrays:
         return torch.empty(0, channels, size, size), kept, bad
-    x = normalize(preprocess_list(arrays, size, spec.get("invert", False)), spec["mean"], spec["std"])
+    images = preprocess_list(arrays, size, spec.get("invert", False), **pipeline_options(spec))
+    x = normalize(images, spec["mean"], spec["std"])
     return x, kept, bad
 
 
