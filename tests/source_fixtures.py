@@ -187,3 +187,12 @@ def write_imagenet_miniature(root: Path, per_class: int = 3, mini_per_class: int
     ravi = write_reduced_ravi(root / "ravi", mini_per_class)
     synsets = {**tiered_synsets(per_class), **mini_synsets(ravi)}
     return {"imagenet": write_imagenet(root / "train", synsets, tars=tars), "ravi": ravi}
+
+
+def write_all_sources(base: Path) -> dict[str, Path]:
+    """Every miniature source, folder and archive forms: what the tests' ``sources`` fixtures hold."""
+    inet = write_imagenet_miniature(base / "inet")
+    return {"cifar": write_cifar100(base / "cifar"), "cifar_tgz": write_cifar100(base / "cifar_tgz", archive=True),
+            "cub": write_cub(base / "cub"), "cub_tgz": write_cub(base / "cub_tgz", archive=True),
+            "imagenet": inet["imagenet"], "ravi": inet["ravi"],
+            "imagenet_tars": write_imagenet_miniature(base / "inet_tars", tars=True)["imagenet"]}

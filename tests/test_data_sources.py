@@ -38,9 +38,9 @@ from tests.source_fixtures import (
     jpeg_bytes,
     synset_numbers,
     write_cifar100,
+    write_all_sources,
     write_cub,
     write_imagenet,
-    write_imagenet_miniature,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -50,12 +50,7 @@ SMALL = {"ways": 5, "shots": 1, "queries": 1, "image_size": 16}
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("sources")
-    inet = write_imagenet_miniature(base / "inet")
-    return {"cifar": write_cifar100(base / "cifar"), "cifar_tgz": write_cifar100(base / "cifar_tgz", archive=True),
-            "cub": write_cub(base / "cub"), "cub_tgz": write_cub(base / "cub_tgz", archive=True),
-            "imagenet": inet["imagenet"], "ravi": inet["ravi"],
-            "imagenet_tars": write_imagenet_miniature(base / "inet_tars", tars=True)["imagenet"]}
+    return write_all_sources(tmp_path_factory.mktemp("sources"))
 
 
 def one_line_error(call, *fragments: str) -> str:
