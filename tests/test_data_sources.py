@@ -391,6 +391,19 @@ def test_tieredimagenet_build_resumes_after_an_interruption(sources, tmp_path, m
         assert resumed[split].names == clean[split].names
 
 
+def test_tieredimagenet_build_workers_give_the_same_array(sources, tmp_path, monkeypatch):
+    """``build_workers: 2`` decodes each chunk in two processes, in order: the same array as one process."""
+    monkeypatch.setattr(image_cache, "CHUNK_IMAGES", 7)  # several chunks, split unevenly between the workers
+    split = tmp_path / "split"
+    split.mkdir()
+    for name, path in split_files("tieredimagenet").items():
+        (split / f"{name}.csv").write_text("".join(f"{w},{c}\n" for w, c in read_tiered(path)[:3]))
+    serial = tiered_dm(sources, tmp_path / "serial", split_dir=str(split), ways=3).build_pools()
+    parallel = tiered_dm(sources, tmp_path / "parallel", split_dir=str(split), ways=3, build_workers=2).build_pools()
+    for name in SPLITS:
+        assert torch.equal(serial[name].images, parallel[name].images) and serial[name].names == parallel[name].names
+
+
 def test_tieredimagenet_cache_is_rebuilt_when_a_source_changes_and_used_without_the_source(sources, tmp_path):
     imagenet = tmp_path / "train"
     synsets = {w: 2 for w, _ in sum((read_tiered(p) for p in split_files("tieredimagenet").values()), [])}
@@ -561,4 +574,5 @@ def test_bad_options():
     one_line_error(lambda: CUBDataModule(on_bad_image="ignore"), "on_bad_image", "stop, skip")
     one_line_error(lambda: TieredImageNetDataModule(labels="coarse"), "labels must be one of fine, category")
     one_line_error(lambda: TieredImageNetDataModule(pool_device="gpu"), "pool_device")
+    one_line_error(lambda: TieredImageNetDataModule(build_workers=-1), "build_workers")
     one_line_error(lambda: CIFARFSDataModule(interpolation="lanczos"), "interpolation")

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -160,32 +161,56 @@ def stamp_digest(stamps: Iterable[Any]) -> Any:
     return digest
 
 
+def decode_batch(entries: Sequence[tuple[str, Source]], options: dict[str, Any]) -> list[np.ndarray | str]:
+    """Each entry preprocessed (uint8 ``[C, S, S]``), or the one-line error of an unreadable image.
+    Module-level, so build workers can run it; an archive error is raised (the source is damaged)."""
+    out: list[np.ndarray | str] = []
+    for name, source in entries:
+        try:
+            out.append(load_image(source, name, **options).numpy())
+        except ValueError as error:
+            if not str(error).startswith("cannot read image"):
+                raise
+            out.append(str(error))
+    return out
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # one image at a time per process: threads would only contend
+
+
+def _resume_state(partial: Path, state_file: Path, key: str, stamps: Sequence[Any]) -> dict[str, Any] | None:
+    """The saved progress of an interrupted build, if it is for the same ``key`` and sources before its ``next``."""
+    if not (partial.is_file() and state_file.is_file()):
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("key") != key or not 0 <= state.get("next", -1) <= len(stamps):
+        return None
+    return state if state.get("prefix") == stamp_digest(stamps[:state["next"]]).hexdigest() else None
+
+
 def build_array_resumably(path: Path, key: str, entries: Sequence[tuple[str, Source]], stamps: Sequence[Any],
-                          options: dict[str, Any], on_bad_image: str, desc: str) -> list[int]:
+                          options: dict[str, Any], on_bad_image: str, desc: str, workers: int = 0) -> list[int]:
     """Write the preprocessed ``entries`` as raw uint8 ``[n, C, S, S]`` to ``path``; return the skipped indices.
 
     The array grows in ``path.partial``; after every :data:`CHUNK_IMAGES` images it is
-    flushed and fsync-ed, then ``path.progress.json`` records how far it got (``next``),
-    what was written and skipped, and a digest of the ``stamps`` (one per entry: name,
-    size, modification time) before ``next``. A later call resumes there if ``key``
-    (options and split) is the same and those sources are unchanged (so fixing an
-    unreadable image further on keeps the work done); otherwise it starts over. Complete, the file is cut to its length, fsync-ed and renamed to
-    ``path``: ``path`` is never a partial array.
+    flushed to disk, then ``path.progress.json`` records how far it got (``next``), what
+    was written and skipped, and a digest of the ``stamps`` (one per entry: name, size,
+    modification time) before ``next``. A later call resumes there if ``key`` (options
+    and split) is the same and those sources are unchanged (so fixing an unreadable image
+    further on keeps the work done); otherwise it starts over. Complete, the file is cut
+    to its length, fsync-ed and renamed to ``path``: ``path`` is never a partial array.
+    ``workers`` > 0 decodes each chunk in that many processes (the order is kept).
     """
     shape = (options["channels"], options["image_size"], options["image_size"])
     item_bytes = int(np.prod(shape))
     need = len(entries) * item_bytes
     partial = path.with_name(path.name + ".partial")
     state_file = path.with_name(path.name + ".progress.json")
-    state = None
-    if partial.is_file() and state_file.is_file():
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            state = None
-        if state is not None and (state.get("key") != key or not 0 <= state.get("next", -1) <= len(entries)
-                                  or state.get("prefix") != stamp_digest(stamps[:state["next"]]).hexdigest()):
-            state = None
+    state = _resume_state(partial, state_file, key, stamps)
     if state is None:
         free = shutil.disk_usage(path.parent).free + (partial.stat().st_size if partial.exists() else 0)
         if free < need:
@@ -199,29 +224,33 @@ def build_array_resumably(path: Path, key: str, entries: Sequence[tuple[str, Sou
             handle.truncate(need)
     digest = stamp_digest(stamps[:state["next"]])
     array = np.memmap(partial, dtype=np.uint8, mode="r+", shape=(len(entries), *shape))
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker) if workers > 0 else None
     progress = Progress(len(entries), desc, initial=state["next"])
     try:
         for start in range(state["next"], len(entries), CHUNK_IMAGES):
             stop = min(start + CHUNK_IMAGES, len(entries))
-            for index in range(start, stop):
-                name, source = entries[index]
+            if pool is None:
+                results = decode_batch(entries[start:stop], options)
+            else:
+                step = -(-(stop - start) // workers)
+                parts = [(entries[i:min(i + step, stop)], options) for i in range(start, stop, step)]
+                results = [r for part in pool.starmap(decode_batch, parts) for r in part]
+            for index, result in zip(range(start, stop), results):
                 digest.update(repr(stamps[index]).encode())
-                try:
-                    image = load_image(source, name, **options)
-                except ValueError as error:
-                    if not str(error).startswith("cannot read image"):
-                        raise
-                    bad_image(error, on_bad_image)
+                if isinstance(result, str):
+                    bad_image(ValueError(result), on_bad_image)
                     state["skipped"].append(index)
                 else:
-                    array[state["written"]] = image.numpy()
+                    array[state["written"]] = result
                     state["written"] += 1
-                progress.update()
+            progress.update(stop - start)
             array.flush()  # the images reach the disk before the record that says they are there
             state["next"], state["prefix"] = stop, digest.hexdigest()
             _write_json_atomic(state_file, state)
     finally:
         progress.close()
+        if pool is not None:
+            pool.terminate()
         del array
     with open(partial, "r+b") as handle:
         handle.truncate(state["written"] * item_bytes)

@@ -30,8 +30,8 @@ Caches (under ``--data.root``): miniImageNet's 60,000 images (1.3 GB at 84x84) a
 tensor file written atomically. tieredImageNet's 16.5 GB as a raw uint8 array
 (``tieredimagenet_<size>px.u8``, memory-mapped when read, so episodes load only the
 images they gather) with its index ``tieredimagenet_<size>px.pt``; the array is built
-in chunks with a progress bar and resumes after an interruption
-(:func:`lit_meta.data.image_cache.build_array_resumably`). Both are keyed on every
+in chunks with a progress bar, optionally in ``build_workers`` processes, and resumes
+after an interruption (:func:`lit_meta.data.image_cache.build_array_resumably`). Both are keyed on every
 source file's name, size and modification time (or its tar's), the split and the options.
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from lit_meta.checkpoint import atomic_torch_save
+from lit_meta.data.base import check_positive
 from lit_meta.data.archives import list_members, slices
 from lit_meta.data.image_cache import (
     Source,
@@ -202,7 +203,7 @@ def tiered_split(split_dir: str | None) -> tuple[dict[str, list[tuple[str, str]]
 
 
 def load_tiered(imagenet: str, root: Path, cache_dir: str | None, split_dir: str | None,
-                options: dict[str, Any], on_bad_image: str) -> dict[str, Any]:
+                options: dict[str, Any], on_bad_image: str, workers: int = 0) -> dict[str, Any]:
     """The tieredImageNet index (synsets, categories, counts, split sizes) with ``images``: the
     memory-mapped uint8 array of every image, synsets in split then (category, synset) order."""
     source = ImageNetTrain(imagenet)
@@ -226,7 +227,7 @@ def load_tiered(imagenet: str, root: Path, cache_dir: str | None, split_dir: str
     index_path.unlink(missing_ok=True)  # never an index beside an array it does not describe
     entries = [(n, s) for f in listing for n, s in zip(f.names, f.sources)]
     skipped = build_array_resumably(array_path, resume_key, entries, stamps, options, on_bad_image,
-                                    f"building the tieredImageNet cache {array_path.name}")
+                                    f"building the tieredImageNet cache {array_path.name}", workers)
     owner = torch.repeat_interleave(torch.arange(len(wnids)), torch.tensor([len(f.sources) for f in listing]))
     counts = torch.bincount(owner, minlength=len(wnids))
     if skipped:
@@ -286,7 +287,8 @@ class TieredImageNetDataModule(ImageEpisodicDataModule):
     categories, 20 / 6 / 8). ``pool_device``: where the memory-mapped images live while
     training on a GPU: ``device`` (copied there once), ``host`` (gathered from the
     memory map per meta-batch, the uint8 episode copied over), or ``auto`` (``device``
-    when they take less than half of its free memory).
+    when they take less than half of its free memory). ``build_workers``: processes
+    decoding images while the cache is built (0: in this process).
     """
 
     name = "tieredimagenet"
@@ -309,6 +311,7 @@ class TieredImageNetDataModule(ImageEpisodicDataModule):
         std: list[float] | None = list(STD),
         on_bad_image: str = "stop",
         pool_device: str = "auto",
+        build_workers: int = 0,
         cache_dir: str | None = None,
         meta_batch_size: int = 4,
         eval_batch_size: int | None = None,
@@ -323,12 +326,14 @@ class TieredImageNetDataModule(ImageEpisodicDataModule):
             raise ValueError(f"pool_device must be one of {', '.join(POOL_DEVICES)}, got {pool_device!r}")
         check_resize(interpolation, image_size, None)
         check_on_bad_image(on_bad_image)
+        check_positive("build_workers", build_workers, minimum=0)
         super().__init__(root=root, ways=ways, shots=shots, queries=queries, eval_ways=eval_ways,
                          eval_shots=eval_shots, eval_queries=eval_queries, image_size=image_size, channels=3,
                          invert=False, mean=mean, std=std, rotations=False, cache_dir=cache_dir,
                          meta_batch_size=meta_batch_size, eval_batch_size=eval_batch_size, val_tasks=val_tasks,
                          test_tasks=test_tasks, steps_per_epoch=steps_per_epoch, seed=seed)
         self.imagenet_root, self.labels, self.split_dir = imagenet_root, labels, split_dir
+        self.build_workers = build_workers
         self.interpolation, self.on_bad_image, self.pool_device = interpolation, on_bad_image, pool_device
         self.loaded: dict[str, Any] | None = None  # the index and memory map, read once per process
 
@@ -341,7 +346,7 @@ class TieredImageNetDataModule(ImageEpisodicDataModule):
                 self.loaded = tiered_cache_only(self.root, self.cache_dir, self.options())
             else:
                 self.loaded = load_tiered(self.imagenet_root, self.root, self.cache_dir, self.split_dir,
-                                          self.options(), self.on_bad_image)
+                                          self.options(), self.on_bad_image, self.build_workers)
         return self.loaded
 
     def build_pools(self) -> dict[str, ClassPool]:
