@@ -31,6 +31,7 @@ from lit_meta.data import image_cache
 from lit_meta.data.imagenet import ImageNetTrain, numeric_order, tiered_split
 from lit_meta.data.images import decode_image, images_from_files, preprocess
 from lit_meta.data.splits import SHIPPED, read_class_list, read_fc100, read_ravi, read_tiered, split_files
+from tests.test_data_images import one_line_error
 from tests.source_fixtures import (
     cifar_image,
     cifar_names,
@@ -51,16 +52,6 @@ SMALL = {"ways": 5, "shots": 1, "queries": 1, "image_size": 16}
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
     return write_all_sources(tmp_path_factory.mktemp("sources"))
-
-
-def one_line_error(call, *fragments: str) -> str:
-    with pytest.raises(ValueError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 def cached_files(folder: Path) -> list[str]:

@@ -23,7 +23,6 @@ are resized with ``interpolation`` (default ``bilinear-antialias``; see
 """
 from __future__ import annotations
 
-import csv
 import pickle
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 
 from lit_meta.data.base import SPLITS
 from lit_meta.data.imagenet import mini_from_imagenet
+from lit_meta.data.splits import read_filename_label
 from lit_meta.data.image_cache import check_on_bad_image
 from lit_meta.data.images import (
     CACHE_VERSION,
@@ -90,23 +90,11 @@ def read_pickle(path: Path, image_size: int, resize: str = RESIZE) -> Split:
 
 def read_csv(path: Path, image_dir: Path, image_size: int, resize: str = RESIZE) -> Split:
     classes: dict[str, list[Path]] = {}
-    try:
-        with open(path, newline="") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None or [h.strip() for h in header[:2]] != ["filename", "label"]:
-                raise ValueError(f"{path}: the first row must be 'filename,label', got {header}")
-            for line, row in enumerate(reader, start=2):
-                if not row:
-                    continue
-                if len(row) < 2:
-                    raise ValueError(f"{path}:{line}: expected 'filename,label', got {row}")
-                file = image_dir / row[0].strip()
-                if not file.is_file():
-                    raise ValueError(f"{path}:{line}: image file not found: {file}")
-                classes.setdefault(row[1].strip(), []).append(file)
-    except OSError as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
+    for line, filename, label in read_filename_label(path):
+        file = image_dir / filename
+        if not file.is_file():
+            raise ValueError(f"{path}:{line}: image file not found: {file}")
+        classes.setdefault(label, []).append(file)
     if not classes:
         raise ValueError(f"{path} lists no images")
     names = sorted(classes)

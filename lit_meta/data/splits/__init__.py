@@ -111,9 +111,9 @@ def read_tiered(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def read_ravi(path: Path) -> dict[str, list[int]]:
-    """Ravi & Larochelle's CSV: ``synset -> 1-based positions`` (the filename's 8 digits), in row order."""
-    classes: dict[str, list[int]] = {}
+def read_filename_label(path: Path) -> list[tuple[int, str, str]]:
+    """``(line number, filename, label)`` of each row of a ``filename,label`` CSV (Ravi & Larochelle's format)."""
+    rows = []
     try:
         with open(path, newline="") as handle:
             reader = csv.reader(handle)
@@ -123,13 +123,23 @@ def read_ravi(path: Path) -> dict[str, list[int]]:
             for line, row in enumerate(reader, start=2):
                 if not row:
                     continue
-                match = _RAVI_FILE.match(row[0].strip()) if len(row) >= 2 else None
-                if match is None or match.group(1) != row[1].strip() or int(match.group(2)) < 1:
-                    raise ValueError(f"{path}:{line}: expected '<synset><8-digit position >= 1>.jpg,<synset>', "
-                                     f"got {','.join(row)!r}")
-                classes.setdefault(match.group(1), []).append(int(match.group(2)))
+                if len(row) < 2:
+                    raise ValueError(f"{path}:{line}: expected 'filename,label', got {row}")
+                rows.append((line, row[0].strip(), row[1].strip()))
     except OSError as error:
-        raise ValueError(f"cannot read split file {path}: {error}") from None
+        raise ValueError(f"cannot read {path}: {error}") from None
+    return rows
+
+
+def read_ravi(path: Path) -> dict[str, list[int]]:
+    """Ravi & Larochelle's CSV: ``synset -> 1-based positions`` (the filename's 8 digits), in row order."""
+    classes: dict[str, list[int]] = {}
+    for line, filename, label in read_filename_label(path):
+        match = _RAVI_FILE.match(filename)
+        if match is None or match.group(1) != label or int(match.group(2)) < 1:
+            raise ValueError(f"{path}:{line}: expected '<synset><8-digit position >= 1>.jpg,<synset>', "
+                             f"got '{filename},{label}'")
+        classes.setdefault(label, []).append(int(match.group(2)))
     if not classes:
         raise ValueError(f"split file {path} lists no images")
     return classes
