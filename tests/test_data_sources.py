@@ -131,6 +131,18 @@ def test_cifar_folder_and_archive_give_all_images_in_order(sources):
     assert (sources["cifar"] / "cifar100_32px.pt").is_file() and (sources["cifar_tgz"] / "cifar100_32px.pt").is_file()
 
 
+def test_cifar_cache_is_rebuilt_when_the_source_changes(tmp_path):
+    root = write_cifar100(tmp_path)
+    before = cifar_dm(root).build_pools()["train"].images.clone()
+    path = root / "cifar-100-python" / "test"
+    with open(path, "rb") as handle:
+        part = pickle.load(handle, encoding="latin1")
+    part["data"] = 255 - part["data"]
+    path.write_bytes(pickle.dumps(part, protocol=2))
+    after = cifar_dm(root).build_pools()["train"].images
+    assert torch.equal(after[:3], before[:3]) and torch.equal(after[3], 255 - before[3])  # 3 train, then 1 test
+
+
 def test_cifar_fs_and_fc100_splits_are_the_shipped_ones(sources):
     fine_names, coarse_names, coarse_of_fine = cifar_names()
     cifar_fs, fc100 = cifar_dm(sources["cifar"]).build_pools(), cifar_dm(sources["cifar"], FC100DataModule).build_pools()
@@ -349,15 +361,16 @@ def test_tieredimagenet_host_pools_send_episodes_to_the_device(sources, tmp_path
         assert batch.support_x.shape == (2, 5, 3, 16, 16)
 
 
-def test_tieredimagenet_build_resumes_after_an_interruption(sources, tmp_path, monkeypatch):
+def test_tieredimagenet_build_resumes_after_an_interruption(sources, tmp_path, monkeypatch, capsys):
     """A build stopped part-way (an unreadable image) resumes where its last saved chunk ended once the
-    image is fixed, decodes only the rest, and gives exactly the array of a clean build."""
+    image is fixed, decodes only the rest, says so, and gives exactly the array of a clean build."""
     imagenet = tmp_path / "train"
     rows, _ = tiered_split(None)
     order = [w for s in SPLITS for w, _ in rows[s]]  # the build's order
     synsets = {w: 3 for w in order}
     write_imagenet(imagenet, synsets)
     monkeypatch.setattr(image_cache, "CHUNK_IMAGES", 100)
+    monkeypatch.setattr(image_cache, "QUIET_BELOW", 0)  # progress lines (not a terminal) for this small build
     # images 1050..1052; the second is image 1051: the build stops in its 11th chunk of 100
     victim = Path(ImageNetTrain(imagenet).files(order[350]).names[1])
     good = victim.read_bytes()
@@ -371,8 +384,12 @@ def test_tieredimagenet_build_resumes_after_an_interruption(sources, tmp_path, m
     calls = []
     real = image_cache.load_image
     monkeypatch.setattr(image_cache, "load_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    capsys.readouterr()
     resumed = TieredImageNetDataModule(root=str(cache), imagenet_root=str(imagenet), **SMALL).build_pools()
     total = sum(synsets.values())
+    progress = capsys.readouterr().err.splitlines()
+    assert progress[0].endswith(f"tieredimagenet_16px.u8: resumed, 1000/{total} images (54.8%)")
+    assert progress[-1].startswith(f"building the tieredImageNet cache tieredimagenet_16px.u8: done, {total}/{total}")
     assert len(calls) == total - 1000  # resumed, not restarted
     assert cached_files(cache) == ["tieredimagenet_16px.pt", "tieredimagenet_16px.u8"]
     clean = TieredImageNetDataModule(root=str(tmp_path / "clean"), imagenet_root=str(imagenet), **SMALL).build_pools()
