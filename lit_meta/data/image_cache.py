@@ -98,18 +98,31 @@ def bad_image(error: ValueError, on_bad_image: str) -> None:
     warnings.warn(f"skipped unreadable image: {error}", stacklevel=3)
 
 
+def decode_batch(entries: Iterable[tuple[str, Source]], options: dict[str, Any]) -> list[np.ndarray | str]:
+    """Each entry preprocessed (uint8 ``[C, S, S]``), or the one-line error of an unreadable image.
+    Module-level, so build workers can run it; an archive error is raised (the source is damaged)."""
+    out: list[np.ndarray | str] = []
+    for name, source in entries:
+        try:
+            out.append(load_image(source, name, **options).numpy())
+        except ValueError as error:
+            if not str(error).startswith("cannot read image"):
+                raise
+            out.append(str(error))
+    return out
+
+
 def decode_into(out: Tensor, entries: Iterable[tuple[int, str, Source]], options: dict[str, Any],
                 on_bad_image: str, progress: Progress) -> list[int]:
     """Fill ``out[slot]`` for each ``(slot, name, source)``; the slots of skipped images are returned."""
     skipped = []
     for slot, name, source in entries:
-        try:
-            out[slot] = load_image(source, name, **options)
-        except ValueError as error:
-            if not str(error).startswith("cannot read image"):
-                raise  # an archive error: the source itself is damaged
-            bad_image(error, on_bad_image)
+        (result,) = decode_batch([(name, source)], options)
+        if isinstance(result, str):
+            bad_image(ValueError(result), on_bad_image)
             skipped.append(slot)
+        else:
+            out[slot] = torch.from_numpy(result)
         progress.update()
     return skipped
 
@@ -159,20 +172,6 @@ def stamp_digest(stamps: Iterable[Any]) -> Any:
     for stamp in stamps:
         digest.update(repr(stamp).encode())
     return digest
-
-
-def decode_batch(entries: Sequence[tuple[str, Source]], options: dict[str, Any]) -> list[np.ndarray | str]:
-    """Each entry preprocessed (uint8 ``[C, S, S]``), or the one-line error of an unreadable image.
-    Module-level, so build workers can run it; an archive error is raised (the source is damaged)."""
-    out: list[np.ndarray | str] = []
-    for name, source in entries:
-        try:
-            out.append(load_image(source, name, **options).numpy())
-        except ValueError as error:
-            if not str(error).startswith("cannot read image"):
-                raise
-            out.append(str(error))
-    return out
 
 
 def _init_worker() -> None:
