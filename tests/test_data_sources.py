@@ -361,6 +361,21 @@ def test_tieredimagenet_host_pools_send_episodes_to_the_device(sources, tmp_path
         assert batch.support_x.shape == (2, 5, 3, 16, 16)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tieredimagenet_host_pools_on_a_gpu_give_the_cpu_episodes(sources, tmp_path, monkeypatch):
+    """Pinned uint8 episodes copied from the memory map equal the CPU run's, for both pool placements."""
+    cpu = tiered_dm(sources, tmp_path)
+    cpu.setup()
+    for mode in ("host", "device"):
+        gpu = tiered_dm(sources, tmp_path, pool_device=mode)
+        monkeypatch.setattr(gpu, "episode_device", lambda: torch.device("cuda"))
+        gpu.setup()
+        a, b = cpu.train_batch(3), gpu.train_batch(3)
+        assert b.support_x.is_cuda and torch.equal(a.support_x, b.support_x.cpu())
+        assert torch.equal(a.query_x, b.query_x.cpu()) and torch.equal(a.query_y, b.query_y.cpu())
+
+
 def test_tieredimagenet_build_resumes_after_an_interruption(sources, tmp_path, monkeypatch, capsys):
     """A build stopped part-way (an unreadable image) resumes where its last saved chunk ended once the
     image is fixed, decodes only the rest, says so, and gives exactly the array of a clean build."""
