@@ -54,6 +54,18 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     return write_all_sources(tmp_path_factory.mktemp("sources"))
 
 
+def from_files(files: list, spec: dict) -> torch.Tensor:
+    """Image files through a checkpoint's input pipeline (``task_spec``), as ``train.py adapt`` reads them."""
+    out = images_from_files(files, spec)
+    return getattr(out, "images", out)  # a tensor, or (after core's adapt restructuring) ImageFiles.images
+
+
+def raw_from_files(files: list, spec: dict) -> torch.Tensor:
+    """:func:`from_files` before normalisation: uint8, comparable with the cached pools."""
+    x = from_files(files, {**spec, "mean": [0.0] * spec["channels"], "std": [1.0] * spec["channels"]})
+    return (x * 255).round().to(torch.uint8)
+
+
 def cached_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.exists() else []
 
@@ -182,7 +194,7 @@ def test_cifar_image_files_reproduce_the_training_tensors(sources, tmp_path):
     for size in (32, 20):
         dm = cifar_dm(sources["cifar"], image_size=size)
         dm.setup()
-        x = images_from_files([tmp_path / "x.png"], dm.task_spec)
+        x = from_files([tmp_path / "x.png"], dm.task_spec)
         mean, std = torch.tensor(dm.mean).view(3, 1, 1), torch.tensor(dm.std).view(3, 1, 1)
         assert torch.allclose(x[0], (dm.pools["train"].images[0].float() / 255 - mean) / std, atol=1e-6)
 
@@ -216,8 +228,7 @@ def test_cub_folder_and_archive_agree_and_follow_the_split(sources):
     files = sorted((sources["cub"] / "CUB_200_2011" / "images" / a["val"].names[3]).glob("*.jpg"))
     spec = cub_dm(sources["cub"]).task_spec
     assert spec["resize_size"] == 18 and spec["input_shape"] == [3, 16, 16]  # int(16 * 1.15), then crop 16
-    x = images_from_files(files, {**spec, "mean": [0.0] * 3, "std": [1.0] * 3})
-    assert torch.equal((x * 255).round().to(torch.uint8), a["val"].images[6:8])  # full image, resized, cropped
+    assert torch.equal(raw_from_files(files, spec), a["val"].images[6:8])  # full image, resized, cropped
 
 
 def test_cub_transform_is_closerlooks(tmp_path):
@@ -229,7 +240,7 @@ def test_cub_transform_is_closerlooks(tmp_path):
     image = (rng.random((3, 1, 1)) * 255 * np.ones((3, 375, 500)) + rng.normal(0, 40, (3, 375, 500)))
     Image.fromarray(image.clip(0, 255).astype(np.uint8).transpose(1, 2, 0)).save(tmp_path / "bird.png")
     spec = CUBDataModule(root=str(tmp_path)).task_spec
-    ours = images_from_files([tmp_path / "bird.png"], {**spec, "mean": [0.0] * 3, "std": [1.0] * 3})[0]
+    ours = raw_from_files([tmp_path / "bird.png"], spec)[0].float() / 255
     theirs = transforms.Compose([transforms.Resize([96, 96]), transforms.CenterCrop(84), transforms.ToTensor()])(
         Image.open(tmp_path / "bird.png").convert("RGB"))
     assert ours.shape == theirs.shape == (3, 84, 84)
@@ -299,8 +310,7 @@ def test_miniimagenet_from_imagenet_folder_and_tars(sources, tmp_path):
     wnid = a["test"].names[1]
     files = [sources["imagenet"] / wnid / f"{wnid}_{n}.JPEG" for n in sorted(synset_numbers(wnid, rows[wnid][-1] + 2))]
     picked = [files[p - 1] for p in rows[wnid]]
-    x = images_from_files(picked, {**folder.task_spec, "mean": [0.0] * 3, "std": [1.0] * 3})
-    assert torch.equal((x * 255).round().to(torch.uint8), a["test"].images[3:6])
+    assert torch.equal(raw_from_files(picked, folder.task_spec), a["test"].images[3:6])
 
 
 # ---------------------------------------------------------------------------- tieredImageNet
@@ -320,8 +330,7 @@ def test_tieredimagenet_has_every_image_of_the_shipped_synsets(sources, tmp_path
         assert pools[split].counts.tolist() == [len(source.files(w).sources) for w in pools[split].names]
     first = pools["val"].names[0]
     files = source.files(first).names
-    x = images_from_files(files, {**dm.task_spec, "mean": [0.0] * 3, "std": [1.0] * 3})
-    assert torch.equal((x * 255).round().to(torch.uint8), pools["val"].images[:len(files)])
+    assert torch.equal(raw_from_files(files, dm.task_spec), pools["val"].images[:len(files)])
     categories = tiered_dm(sources, tmp_path / "a", labels="category").build_pools()
     assert [len(categories[s].names) for s in SPLITS] == [20, 6, 8]
     for split in SPLITS:
