@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 from jsonargparse import ArgumentParser
 
-from lit_meta.data import EpisodicDataModule
+from lit_meta.data import EpisodicDataModule, cifar, cub, imagenet
+from lit_meta.data.images import RESIZE
 from lit_meta.data.miniimagenet import MEAN, STD
 from tests.conftest import REPO
 
@@ -23,7 +24,25 @@ EXPECTED = {
         "root": "data/omniglot", "split": "finn", "split_seed": 0, "download": False, **EPISODES, **IMAGES,
         "image_size": 28, "rotations": True, **STREAM, "meta_batch_size": 32},
     "lit_meta.data.MiniImageNetDataModule": {
-        "root": "data/miniimagenet", **EPISODES, **IMAGES, "mean": list(MEAN), "std": list(STD),
+        "root": "data/miniimagenet", "imagenet_root": None, "split_dir": None, **EPISODES, **IMAGES,
+        "interpolation": RESIZE, "mean": list(MEAN), "std": list(STD), "on_bad_image": "stop",
+        **STREAM, "meta_batch_size": 4},
+    "lit_meta.data.CIFARFSDataModule": {
+        "root": "data/cifar100", "split_dir": None, "download": False, **EPISODES, "image_size": 32,
+        "interpolation": RESIZE, "mean": list(cifar.MEAN), "std": list(cifar.STD), "cache_dir": None,
+        **STREAM, "meta_batch_size": 4},
+    "lit_meta.data.FC100DataModule": {
+        "root": "data/cifar100", "split_dir": None, "download": False, **EPISODES, "image_size": 32,
+        "interpolation": RESIZE, "mean": list(cifar.MEAN), "std": list(cifar.STD), "cache_dir": None,
+        **STREAM, "meta_batch_size": 4},
+    "lit_meta.data.CUBDataModule": {
+        "root": "data/cub", "split_dir": None, **EPISODES, "image_size": 84, "resize_size": None,
+        "interpolation": RESIZE, "mean": list(cub.MEAN), "std": list(cub.STD), "on_bad_image": "stop",
+        "cache_dir": None, **STREAM, "meta_batch_size": 4},
+    "lit_meta.data.TieredImageNetDataModule": {
+        "root": "data/tieredimagenet", "imagenet_root": None, "labels": "fine", "split_dir": None, **EPISODES,
+        "image_size": 84, "interpolation": RESIZE, "mean": list(imagenet.MEAN), "std": list(imagenet.STD),
+        "on_bad_image": "stop", "pool_device": "auto", "build_workers": 0, "cache_dir": None,
         **STREAM, "meta_batch_size": 4},
     "lit_meta.data.ImageFolderDataModule": {
         "root": "data/folder", "split": "auto", "val_fraction": 0.2, "test_fraction": 0.2, "split_seed": 0,

@@ -5,8 +5,12 @@ tensors it was trained on; :func:`images_from_files` is that path)::
 
     file -> PIL "L" (channels=1) or "RGB" (channels=3) -> uint8 [C, H, W]
          -> 255 - x if invert
-         -> resize to image_size x image_size: torch bilinear, antialias=True, on x/255
-            in float32, then rounded back to uint8 (skipped when already that size)
+         -> resize to S x S, S = resize_size or image_size (aspect ratio not kept), with
+            ``resize`` (default "bilinear-antialias": torch bilinear, antialias=True,
+            = PIL BILINEAR within 1 gray level), on x/255 in float32, then rounded back
+            to uint8 (skipped when already that size)
+         -> centre crop image_size x image_size when resize_size > image_size
+            (torchvision CenterCrop's offsets; the CloserLook CUB transform)
     ---- cached once as uint8 ----
          -> x/255 -> (x - mean[c]) / std[c]      (at sampling time, on the device)
 
@@ -36,6 +40,9 @@ from lit_meta.tasks import TaskBatch, task_spec
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes with one channel of colour
 RESIZE = "bilinear-antialias"
+# name -> (torch interpolate mode, antialias); "area" is torch's box average (close to cv2 INTER_AREA)
+RESIZE_MODES = {"bilinear-antialias": ("bilinear", True), "bilinear": ("bilinear", False),
+                "bicubic-antialias": ("bicubic", True), "bicubic": ("bicubic", False), "area": ("area", False)}
 CACHE_VERSION = 1
 _CHUNK = 2048  # images per resize batch: bounds the float32 copy while preprocessing
 
@@ -63,35 +70,55 @@ def _decode(source: str | os.PathLike | bytes, channels: int, name: str | None) 
     return (array[None] if channels == 1 else array.transpose(2, 0, 1)), converted
 
 
-def preprocess(images: Tensor | np.ndarray, image_size: int, invert: bool = False) -> Tensor:
-    """uint8 ``[N, C, H, W]`` -> uint8 ``[N, C, image_size, image_size]`` (invert, then resize)."""
+def check_resize(resize: str, image_size: int, resize_size: int | None) -> None:
+    """One-line errors for the resize options (``--data.interpolation``, ``--data.resize_size``)."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"interpolation must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    if resize_size is not None and (not isinstance(resize_size, int) or resize_size < image_size):
+        raise ValueError(f"resize_size must be an integer >= image_size={image_size}, got {resize_size!r}")
+
+
+def pipeline_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """The resize options recorded in a task_spec (checkpoints from before they existed used the defaults)."""
+    return {"resize": spec.get("resize", RESIZE), "resize_size": spec.get("resize_size")}
+
+
+def preprocess(images: Tensor | np.ndarray, image_size: int, invert: bool = False, resize: str = RESIZE,
+               resize_size: int | None = None) -> Tensor:
+    """uint8 ``[N, C, H, W]`` -> uint8 ``[N, C, image_size, image_size]`` (invert, resize, centre crop)."""
     images = torch.as_tensor(images)
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"preprocess expects uint8 [N, C, H, W], got {images.dtype} {list(images.shape)}")
+    target = resize_size or image_size
+    mode, antialias = RESIZE_MODES[resize]
+    top = left = int(round((target - image_size) / 2.0))  # torchvision CenterCrop's offsets
     out = []
     for chunk in images.split(_CHUNK):
         if invert:
             chunk = 255 - chunk
-        if chunk.shape[-2:] != (image_size, image_size):
-            x = F.interpolate(chunk.float() / 255, size=(image_size, image_size), mode="bilinear",
-                              antialias=True, align_corners=False)
+        if chunk.shape[-2:] != (target, target):
+            extra = {} if mode == "area" else {"antialias": antialias, "align_corners": False}
+            x = F.interpolate(chunk.float() / 255, size=(target, target), mode=mode, **extra)
             chunk = (x * 255).round_().clamp_(0, 255).to(torch.uint8)
+        if target != image_size:
+            chunk = chunk[..., top:top + image_size, left:left + image_size]
         out.append(chunk.contiguous())
     if not out:
         return torch.empty(0, images.shape[1], image_size, image_size, dtype=torch.uint8)
     return torch.cat(out)
 
 
-def preprocess_list(arrays: Sequence[np.ndarray], image_size: int, invert: bool = False) -> Tensor:
+def preprocess_list(arrays: Sequence[np.ndarray], image_size: int, invert: bool = False, resize: str = RESIZE,
+                    resize_size: int | None = None) -> Tensor:
     """Like :func:`preprocess` for ``[C, H, W]`` arrays of possibly different sizes (runs of one size are batched)."""
     out, run = [], []
     for array in arrays:
         if run and array.shape != run[0].shape:
-            out.append(preprocess(np.stack(run), image_size, invert))
+            out.append(preprocess(np.stack(run), image_size, invert, resize, resize_size))
             run = []
         run.append(array)
     if run:
-        out.append(preprocess(np.stack(run), image_size, invert))
+        out.append(preprocess(np.stack(run), image_size, invert, resize, resize_size))
     return torch.cat(out) if out else torch.empty(0, 1, image_size, image_size, dtype=torch.uint8)
 
 
@@ -134,7 +161,8 @@ def images_from_files(paths: Iterable[str | os.PathLike], spec: dict[str, Any],
         converted += other_mode
     if not arrays:
         return ImageFiles(torch.empty(0, channels, size, size), files, unreadable, converted)
-    x = normalize(preprocess_list(arrays, size, spec.get("invert", False)), spec["mean"], spec["std"])
+    images = preprocess_list(arrays, size, spec.get("invert", False), **pipeline_options(spec))
+    x = normalize(images, spec["mean"], spec["std"])
     return ImageFiles(x, files, unreadable, converted)
 
 
@@ -181,12 +209,15 @@ class ClassPool:
 
 
 def sample_episodes(pool: ClassPool, generator: torch.Generator, num_tasks: int, ways: int, shots: int,
-                    queries: int, mean: Sequence[float], std: Sequence[float]) -> TaskBatch:
+                    queries: int, mean: Sequence[float], std: Sequence[float],
+                    device: torch.device | None = None) -> TaskBatch:
     """``num_tasks`` ways-way episodes from ``pool``: ``shots`` support and ``queries`` query images per class.
 
     Per task, ``ways`` distinct classes (in random order, which is the label permutation)
     and ``shots + queries`` distinct images of each; all of it from ``generator`` on the
     CPU, then one gather on the pool's device. Labels are episode-local ``0..ways-1``.
+    With ``device`` (a pool kept on the host, e.g. memory-mapped), the gathered uint8
+    images are copied there before anything else is done to them.
     """
     per_class = shots + queries
     base_classes = len(pool.counts)
@@ -200,6 +231,9 @@ def sample_episodes(pool: ClassPool, generator: torch.Generator, num_tasks: int,
     items = keys.topk(per_class, dim=-1).indices
     index = pool.offsets[base][..., None] + items  # [T, W, shots + queries]
     x = pool.images[index.to(pool.images.device)]  # the one gather: [T, W, n, C, H, W]
+    if device is not None and x.device != device:
+        # uint8 crosses the bus (4x less than float); pinned, so the copy is asynchronous
+        x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
     if pool.rotations:
         for r in (1, 2, 3):
             # Integer indices found on the CPU: no device sync, as boolean masks would need.
@@ -315,7 +349,7 @@ class ImageEpisodicDataModule(FewShotDataModule):
         shape = [self.channels, self.image_size, self.image_size]
         return task_spec(self.name, "classification", shape, self.num_outputs,
                          image_size=self.image_size, channels=self.channels, invert=self.invert,
-                         mean=list(self.mean), std=list(self.std), resize=RESIZE, **self.spec_extra())
+                         mean=list(self.mean), std=list(self.std), **{"resize": RESIZE, **self.spec_extra()})
 
     def check_root(self) -> None:
         if not self.root.exists():

@@ -9,14 +9,20 @@ classes of 600 RGB images, 64 train / 16 val / 20 test classes, 84x84.
 - Ravi & Larochelle's ``train.csv`` / ``val.csv`` / ``test.csv`` (``filename,label``)
   with the images in ``images/`` (resized to ``image_size`` when they differ).
 
+Or, with ``imagenet_root``, it is built from the original source: an ILSVRC-2012 train
+folder (``<synset>/<synset>_<n>.JPEG`` or per-synset tars) and the shipped Ravi CSVs
+(or ``split_dir``), by the community tools' index rule (:mod:`lit_meta.data.imagenet`);
+the cache then goes under ``root``.
+
 Classes are ordered by name, images as the pickle's index lists or the CSV rows give
 them. They are converted once to a cached uint8 tensor file under ``root``; sampling
 normalizes per channel (``mean`` / ``std``, defaulting to the statistics of the
-miniImageNet training images used by the ProtoNet/FEAT code).
+miniImageNet training images used by the ProtoNet/FEAT code). Images of another size
+are resized with ``interpolation`` (default ``bilinear-antialias``; see
+:mod:`lit_meta.data.imagenet` for what the codebases used).
 """
 from __future__ import annotations
 
-import csv
 import pickle
 from pathlib import Path
 from typing import Any
@@ -26,11 +32,16 @@ import torch
 
 from lit_meta.checkpoint import atomic_torch_save
 from lit_meta.data.base import SPLITS
+from lit_meta.data.imagenet import mini_from_imagenet
+from lit_meta.data.splits import read_filename_label
+from lit_meta.data.image_cache import check_on_bad_image
 from lit_meta.data.images import (
     CACHE_VERSION,
+    RESIZE,
     ClassPool,
     ImageEpisodicDataModule,
     cache_file,
+    check_resize,
     decode_image,
     file_stamp,
     fingerprint,
@@ -50,7 +61,7 @@ def pickle_path(root: Path, split: str) -> Path:
     return root / f"mini-imagenet-cache-{split}.pkl"
 
 
-def read_pickle(path: Path, image_size: int) -> Split:
+def read_pickle(path: Path, image_size: int, resize: str = RESIZE) -> Split:
     try:
         with open(path, "rb") as handle:
             data = pickle.load(handle)
@@ -72,35 +83,23 @@ def read_pickle(path: Path, image_size: int) -> Split:
         if rows.min() < 0 or rows.max() >= len(images):
             raise ValueError(f"{path}: class {name!r} indexes past the {len(images)} images of 'image_data'")
     rows = np.concatenate(index)
-    out = [preprocess(np.ascontiguousarray(images[rows[i:i + 2048]].transpose(0, 3, 1, 2)), image_size)
+    out = [preprocess(np.ascontiguousarray(images[rows[i:i + 2048]].transpose(0, 3, 1, 2)), image_size, resize=resize)
            for i in range(0, len(rows), 2048)]
     return torch.cat(out), torch.tensor([len(r) for r in index]), [str(n) for n in names]
 
 
-def read_csv(path: Path, image_dir: Path, image_size: int) -> Split:
+def read_csv(path: Path, image_dir: Path, image_size: int, resize: str = RESIZE) -> Split:
     classes: dict[str, list[Path]] = {}
-    try:
-        with open(path, newline="") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None or [h.strip() for h in header[:2]] != ["filename", "label"]:
-                raise ValueError(f"{path}: the first row must be 'filename,label', got {header}")
-            for line, row in enumerate(reader, start=2):
-                if not row:
-                    continue
-                if len(row) < 2:
-                    raise ValueError(f"{path}:{line}: expected 'filename,label', got {row}")
-                file = image_dir / row[0].strip()
-                if not file.is_file():
-                    raise ValueError(f"{path}:{line}: image file not found: {file}")
-                classes.setdefault(row[1].strip(), []).append(file)
-    except OSError as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
+    for line, filename, label in read_filename_label(path):
+        file = image_dir / filename
+        if not file.is_file():
+            raise ValueError(f"{path}:{line}: image file not found: {file}")
+        classes.setdefault(label, []).append(file)
     if not classes:
         raise ValueError(f"{path} lists no images")
     names = sorted(classes)
     arrays = [decode_image(f, 3) for n in names for f in classes[n]]
-    return preprocess_list(arrays, image_size), torch.tensor([len(classes[n]) for n in names]), names
+    return preprocess_list(arrays, image_size, resize=resize), torch.tensor([len(classes[n]) for n in names]), names
 
 
 class MiniImageNetDataModule(ImageEpisodicDataModule):
@@ -109,14 +108,22 @@ class MiniImageNetDataModule(ImageEpisodicDataModule):
     def __init__(
         self,
         root: str = "data/miniimagenet",
+        imagenet_root: str | None = None,
+        split_dir: str | None = None,
         image_size: int = 84,
+        interpolation: str = RESIZE,
         mean: list[float] | None = list(MEAN),
         std: list[float] | None = list(STD),
+        on_bad_image: str = "stop",
         **kwargs: Any,
     ) -> None:
+        check_resize(interpolation, image_size, None)
+        check_on_bad_image(on_bad_image)
         # miniImageNet's own defaults (84 px RGB, its channel statistics); everything else
         # is the base classes' keyword-only arguments (``ways``, ``meta_batch_size``, ...).
         super().__init__(root=root, image_size=image_size, channels=3, invert=False, mean=mean, std=std, **kwargs)
+        self.imagenet_root, self.split_dir = imagenet_root, split_dir
+        self.interpolation, self.on_bad_image = interpolation, on_bad_image
 
     def find_layout(self) -> tuple[str, list[Path]]:
         self.check_root()
@@ -131,20 +138,27 @@ class MiniImageNetDataModule(ImageEpisodicDataModule):
         raise ValueError(f"no miniImageNet data in {self.root}; expected {LAYOUTS}")
 
     def build_pools(self) -> dict[str, ClassPool]:
+        if self.imagenet_root is not None:
+            options = {"channels": 3, "image_size": self.image_size, "resize": self.interpolation, "resize_size": None}
+            data = mini_from_imagenet(self.imagenet_root, self.root, self.cache_dir, self.split_dir, options,
+                                      self.on_bad_image)
+            return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
         layout, files = self.find_layout()
-        key = fingerprint("miniimagenet", self.image_size, layout, [file_stamp(p) for p in files])
+        # the default interpolation stays out of the key: caches built before it was an option stay valid
+        resize = () if self.interpolation == RESIZE else (self.interpolation,)
+        key = fingerprint("miniimagenet", self.image_size, layout, [file_stamp(p) for p in files], *resize)
         path = cache_file(self.root, self.cache_dir, f"miniimagenet_{self.image_size}px")
         data = load_cache(path, key)
         if data is None:
             data = {"version": CACHE_VERSION, "key": key}
             for split, file in zip(SPLITS, files):
                 if layout == "pickle":
-                    images, counts, names = read_pickle(file, self.image_size)
+                    images, counts, names = read_pickle(file, self.image_size, self.interpolation)
                 else:
-                    images, counts, names = read_csv(file, self.root / "images", self.image_size)
+                    images, counts, names = read_csv(file, self.root / "images", self.image_size, self.interpolation)
                 data[split] = {"images": images, "counts": counts, "names": names}
             atomic_torch_save(data, path)
         return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
 
     def spec_extra(self) -> dict[str, Any]:
-        return {"rotations": self.rotations}
+        return {"rotations": self.rotations, "resize": self.interpolation}
