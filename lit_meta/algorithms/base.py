@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 from lit_meta.inner import SGD, Adapted, Params, UpdateRule, adapt
+from lit_meta.inner_checkpoint import recompute_problem
 from lit_meta.meta_step import MetaStep
 from lit_meta.models import build_network
 from lit_meta.tasks import TaskBatch
@@ -56,6 +57,7 @@ class MetaLearner(pl.LightningModule):
         grad_clip: float | None = None,
         task_chunk_size: int | None = None,
         transductive: bool = True,
+        inner_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
@@ -85,6 +87,9 @@ class MetaLearner(pl.LightningModule):
         # Tasks adapted (and, in training, back-propagated) together. None: the whole
         # meta-batch in one vmap, fastest; k: peak memory of k tasks' graphs, same gradient.
         self.task_chunk_size = task_chunk_size
+        # Steps along the inner loop: keep only each step's parameters and recompute a
+        # second-order step in the outer backward; the same gradient, memory flat in steps.
+        self.inner_checkpointing = inner_checkpointing
         # Transductive: the query set is normalised with its own batch statistics (as the
         # MAML papers evaluated). Otherwise each query example is predicted alone beside
         # the support set (Nichol et al. 2018), or with per-step running statistics.
@@ -155,12 +160,13 @@ class MetaLearner(pl.LightningModule):
 
     def adapt_task(self, params: Params, support_x: Tensor, support_y: Tensor, steps: int,
                    first_order: bool, training: bool, trace: bool = False) -> Adapted:
-        def support_loss(p: Params, step: int) -> Tensor:
-            return self.loss_fn(self.forward_fn(p, support_x, step), support_y)
+        def support_loss(p: Params, step: int, x: Tensor, y: Tensor) -> Tensor:
+            return self.loss_fn(self.forward_fn(p, x, step), y)
 
         with self.inner_precision():
             return adapt(support_loss, params, steps, self.update_rule(training), first_order,
-                         self.adapt_names(), trace=trace)
+                         self.adapt_names(), trace=trace, checkpoint=self.inner_checkpointing,
+                         data=(support_x, support_y))
 
     def inner_precision(self) -> AbstractContextManager:
         """Under 16-mixed the inner loop runs in fp32: Lightning's GradScaler scales only
@@ -234,6 +240,11 @@ class MetaLearner(pl.LightningModule):
         return out
 
     # ------------------------------------------------------------------ Lightning
+    def setup(self, stage: str) -> None:
+        # Here, not in __init__: the rule is built from what the subclass's __init__ adds.
+        if self.inner_checkpointing and (problem := recompute_problem(self.update_rule(True))):
+            raise ValueError(f"inner_checkpointing: {problem}")
+
     def on_fit_start(self) -> None:
         self._check_grad_mode()
 

@@ -65,8 +65,7 @@ class MAMLpp(MetaLearner):
 
     # -- LSLR
     def update_rule(self, training: bool) -> UpdateRule:
-        last = next(iter(self.inner_lrs.values())).shape[0] - 1
-        return SGD(lambda step, name: self.inner_lrs[lr_key(name)][min(step, last)])
+        return SGD({n: self.inner_lrs[lr_key(n)] for n in self.adapt_names()}, per_step=True)
 
     # -- derivative-order annealing
     def first_order_at(self, training: bool) -> bool:
