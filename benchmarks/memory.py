@@ -38,8 +38,9 @@ How it measures (``measure`` is the only code here that reads clocks or memory):
 - CUDA, ``peak_mem_mb``: ``torch.cuda.max_memory_allocated`` minus the allocation before
   the steps (tensors alive; the caching allocator's reserve is not counted);
 - ``seconds_per_step``: the median wall time of steps 2..``--steps`` (``perf_counter``,
-  after a CUDA synchronize), glibc's default allocator. On a shared machine only the
-  memory figures are meaningful.
+  after a CUDA synchronize), glibc's default allocator; ``cpu_seconds_per_step``: the
+  same in process CPU time (with ``--threads 1`` on a shared CPU machine, the figure the
+  load distorts least). On a shared machine only the memory figures are exact.
 """
 from __future__ import annotations
 
@@ -74,8 +75,10 @@ def _rss_kb(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
-def measure(step: Callable[[], None], steps: int, device: torch.device) -> tuple[float, float]:
-    """Run ``step`` ``steps`` times: (peak extra memory in MB, median seconds of steps 2..n)."""
+def measure(step: Callable[[], None], steps: int, device: torch.device) -> dict[str, float]:
+    """Run ``step`` ``steps`` times: the peak extra memory (MB) over all of them, and the
+    median wall and process-CPU seconds of steps 2..n (CPU time is what a shared machine
+    distorts least: waiting for a core is not counted)."""
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -87,14 +90,16 @@ def measure(step: Callable[[], None], steps: int, device: torch.device) -> tuple
     else:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         base = _rss_kb("VmRSS") * 1024
-    seconds = []
+    wall, cpu = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         sync()
-        seconds.append(time.perf_counter() - start)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_kb("VmHWM") * 1024
-    return (peak - base) / 2**20, median(seconds[1:] or seconds)
+    return {"peak_mem_mb": (peak - base) / 2**20, "seconds_per_step": median(wall[1:] or wall),
+            "cpu_seconds_per_step": median(cpu[1:] or cpu)}
 
 
 # ----------------------------------------------------------------------------- the two sides
@@ -157,8 +162,7 @@ def run_child(args: argparse.Namespace) -> None:
     """A child process: one side at one step count; prints its peak and median step time."""
     device = torch.device(args.device)
     step = build_case(args, args.inner_steps[0], args.point, device)
-    peak, seconds = measure(step, args.steps, device)
-    print(json.dumps({"peak_mem_mb": peak, "seconds_per_step": seconds}), flush=True)
+    print(json.dumps(measure(step, args.steps, device)), flush=True)
 
 
 def spawn(args: argparse.Namespace, inner_steps: int, side: str, steps: int,
@@ -185,7 +189,7 @@ def measure_point(args: argparse.Namespace, inner_steps: int, side: str) -> dict
     timing = spawn(args, inner_steps, side, args.steps)
     if "error" in timing:
         return {**row, **timing}
-    row["seconds_per_step"] = timing["seconds_per_step"]
+    row["seconds_per_step"], row["cpu_seconds_per_step"] = timing["seconds_per_step"], timing["cpu_seconds_per_step"]
     if args.device.startswith("cuda"):
         row["peak_mem_mb"] = timing["peak_mem_mb"]
         return row
