@@ -172,25 +172,30 @@ class RecomputedStep(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         ctx.plan = inputs[0]
         ctx.save_for_backward(*inputs[1:])
+        # Outputs nothing differentiates (the support loss, in MAML) get None, not zeros:
+        # a zero cotangent would still walk the support forward's backward.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx: Any, *cotangents: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, *cotangents: Tensor | None) -> tuple[Tensor | None, ...]:
         plan: StepPlan = ctx.plan
         saved = ctx.saved_tensors
         # Only what needs a gradient: differentiating the support images too would add a
         # convolution input-gradient per layer that stored-graph backprop never computes.
         wrt = [i for i, need in enumerate(ctx.needs_input_grad[1:]) if need]
+        used = [j for j, c in enumerate(cotangents) if c is not None]
         grads: list[Tensor | None] = [None] * len(saved)
-        if wrt:
+        if wrt and used:
             def step_of(*chosen: Tensor) -> tuple[Tensor, ...]:
                 full = list(saved)
                 for i, t in zip(wrt, chosen):
                     full[i] = t
-                return plan.batched()(*full)
+                out = plan.batched()(*full)
+                return tuple(out[j] for j in used)
 
             with plan.precision():
                 _, pullback = vjp(step_of, *(saved[i] for i in wrt))
-                for i, g in zip(wrt, pullback(cotangents)):
+                for i, g in zip(wrt, pullback(tuple(cotangents[j] for j in used))):
                     grads[i] = g
         return (None, *grads)
 

@@ -256,3 +256,20 @@ def test_first_order_and_no_backward_algorithms_accept_the_option_and_are_unchan
     ckpt, _ = outer_step(MAML, TOY, {"inner_steps": 3, "first_order": True}, checkpoint=True)
     for (n, p), q in zip(stored.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_checkpointed_meta_gradient_on_cuda_equals_the_stored_graph_one():
+    """float64 (no TF32) conv4 MAML++ with per-step BN on the GPU: recomputation there
+    (cuDNN kernels) matches the stored graph as on the CPU."""
+    grads = {}
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        model = small(MAMLpp, spec=IMAGES, inner_steps=3, inner_lr=0.3, inner_checkpointing=checkpoint).double().cuda()
+        batch = double(image_batch(tasks=4)).to("cuda")
+        out = model.run_tasks(batch, 3, first_order=False, training=True)
+        grads[checkpoint] = torch.autograd.grad(out["query_loss"].mean(), list(model.parameters()), allow_unused=True)
+    for s, c in zip(grads[False], grads[True]):
+        if s is not None:
+            torch.testing.assert_close(c, s, rtol=1e-9, atol=1e-11)
