@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from lit_meta.algorithms import ANIL, MAML, MAMLpp, MetaLSTM, MetaSGD
+from lit_meta.algorithms import ANIL, MAML, MAMLpp, MetaLSTM, MetaSGD, Reptile
 from lit_meta.inner import SGD, Adam, adapt
 from lit_meta.tasks import TaskBatch
 from tests.conftest import sine_config
@@ -251,11 +251,14 @@ def test_a_callable_rate_and_a_rule_without_its_tensors_are_refused():
 
 
 def test_first_order_and_no_backward_algorithms_accept_the_option_and_are_unchanged():
-    """FOMAML detaches its inner gradients: nothing second order to recompute."""
-    stored, _ = outer_step(MAML, TOY, {"inner_steps": 3, "first_order": True}, checkpoint=False)
-    ckpt, _ = outer_step(MAML, TOY, {"inner_steps": 3, "first_order": True}, checkpoint=True)
-    for (n, p), q in zip(stored.named_parameters(), ckpt.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+    """FOMAML detaches its inner gradients and Reptile does no backward through its inner
+    loop: nothing second order to recompute, the same step bit for bit."""
+    for cls, kw in ((MAML, {"inner_steps": 3, "first_order": True}),
+                    (Reptile, {"inner_steps": 3, "inner_optimizer": "adam", "inner_lr": 0.05})):
+        stored, _ = outer_step(cls, TOY, kw, checkpoint=False)
+        ckpt, _ = outer_step(cls, TOY, kw, checkpoint=True)
+        for (n, p), q in zip(stored.named_parameters(), ckpt.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=f"{cls.__name__}: {n}")
 
 
 @pytest.mark.gpu
