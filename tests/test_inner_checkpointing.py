@@ -143,8 +143,9 @@ def test_recomputation_runs_under_the_forward_s_precision(precision, backward_in
     fp32 while Lightning's backward runs inside the step's fp16 autocast; under bf16-mixed
     the inner loop is bf16, and a backward after the autocast block would recompute in fp32.
     Measured on this machine (float32 model, error relative to the largest gradient): the
-    restored precision gives 1.2e-4 (16-mixed) and 5.7e-3 (bf16, rounding of bf16 itself);
-    recomputing in the backward's own precision gives 2.8e-2 and 0.13."""
+    restored precision gives 1.2e-4 under 16-mixed (the stored graph's own double backward
+    runs its convolutions under the backward's fp16 autocast) and 0 otherwise; recomputing
+    in the backward's precision gives 2.8e-2 (16-mixed) and 0.13 (bf16)."""
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
 
     class Probe:
@@ -166,7 +167,7 @@ def test_recomputation_runs_under_the_forward_s_precision(precision, backward_in
         model._trainer = None
     scale = max(g.abs().max() for g in grads[False])
     error = max((c - s).abs().max() for s, c in zip(grads[False], grads[True])) / scale
-    assert error < (2e-3 if precision == "16-mixed" else 3e-2)
+    assert error < (2e-3 if precision == "16-mixed" else 1e-2)
 
 
 def graph_bytes(loss: Tensor) -> int:
