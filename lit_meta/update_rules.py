@@ -17,7 +17,7 @@ Learned rules (an LSTM over all coordinates) see the parameters as one flat vect
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
 
 import torch
@@ -27,6 +27,12 @@ Params = dict[str, Tensor]
 
 
 class UpdateRule(Protocol):
+    """How a gradient becomes a step. For inner checkpointing (``lit_meta.inner_checkpoint``) a
+    rule also has ``tensors() -> Params`` (every tensor it reads that may need a gradient:
+    learned rates, an LSTM's weights) and ``with_tensors(tensors)`` (the same rule reading
+    those instead), and no randomness; one that draws random numbers sets
+    ``not_recomputable`` to say so."""
+
     def init_state(self, params: Params) -> Any: ...
 
     def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: Any) -> tuple[Params, Any]: ...
@@ -45,10 +51,13 @@ def unflatten(flat: Tensor, like: Params) -> Params:
 
 @dataclass
 class SGD:
-    """θ ← θ − α ∇. ``lr`` is a float (MAML), a dict of per-parameter tensors (Meta-SGD), or
-    ``lr(step, name) -> Tensor`` (per-layer per-step rates of MAML++)."""
+    """θ ← θ − α ∇. ``lr`` is a float (MAML), a dict of per-parameter tensors (Meta-SGD; with
+    ``per_step``, each tensor's row k is the rate of step k and the last row serves later
+    steps: MAML++'s per-layer per-step rates), or ``lr(step, name) -> Tensor`` (closes over
+    its tensors, so it cannot be checkpointed)."""
 
     lr: float | Params | Callable[[int, str], Tensor]
+    per_step: bool = False
 
     def init_state(self, params: Params) -> None:
         return None
@@ -57,8 +66,19 @@ class SGD:
         if callable(self.lr):
             return self.lr(step, name)
         if isinstance(self.lr, dict):
-            return self.lr[name]
+            rate = self.lr[name]
+            return rate[min(step, rate.shape[0] - 1)] if self.per_step else rate
         return self.lr
+
+    @property
+    def not_recomputable(self) -> str | None:
+        return "its rate is a Python callable; give a dict of tensors (per_step=True)" if callable(self.lr) else None
+
+    def tensors(self) -> Params:
+        return dict(self.lr) if isinstance(self.lr, dict) else {}
+
+    def with_tensors(self, tensors: Params) -> SGD:
+        return replace(self, lr=dict(tensors)) if isinstance(self.lr, dict) else self
 
     def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: None) -> tuple[Params, None]:
         return {n: p - self.rate(step, n) * grads[n] for n, p in params.items()}, None
@@ -74,6 +94,12 @@ class Adam:
 
     def init_state(self, params: Params) -> tuple[Params, Params]:
         return ({n: torch.zeros_like(p) for n, p in params.items()}, {n: torch.zeros_like(p) for n, p in params.items()})
+
+    def tensors(self) -> Params:
+        return {}
+
+    def with_tensors(self, tensors: Params) -> Adam:
+        return self
 
     def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: tuple[Params, Params]):
         b1, b2 = self.betas

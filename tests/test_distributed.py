@@ -34,6 +34,9 @@ ALGORITHMS = {
     # one manual_backward (one DDP all-reduce) per chunk of 5 of the rank's 16 tasks
     "maml_chunked": (MAML, {"first_order": False, "task_chunk_size": 5}),
     "maml_ga_chunked": (MAML, {"weighting": "gradient_agreement", "task_chunk_size": 5}),
+    # second-order steps recomputed in DDP's backward (inner checkpointing), chunks and GA on
+    "maml_ga_chunked_checkpointed": (MAML, {"weighting": "gradient_agreement", "task_chunk_size": 5,
+                                            "inner_steps": 3, "inner_checkpointing": True}),
 }
 
 
@@ -74,8 +77,9 @@ def _trainer(tmp_path: Path, devices: int, **kw) -> pl.Trainer:
                       inference_mode=False, default_root_dir=tmp_path, **kw)
 
 
-def _fit_one_step(tmp_path: Path, devices: int, name: str) -> dict[str, torch.Tensor]:
+def _fit_one_step(tmp_path: Path, devices: int, name: str, **override) -> dict[str, torch.Tensor]:
     cls, kwargs = ALGORITHMS[name]
+    kwargs = {**kwargs, **override}
     torch.manual_seed(0)
     dm = SineDataModule(meta_batch_size=32, val_tasks=8, test_tasks=8)
     # SGD, not Adam: Adam's first step is blind to the gradient's scale, SGD's is not.
@@ -86,7 +90,8 @@ def _fit_one_step(tmp_path: Path, devices: int, name: str) -> dict[str, torch.Te
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_two_process_ddp_step_equals_single_process_step(tmp_path, name):
-    single = _fit_one_step(tmp_path / "one", 1, name)
+    # inner checkpointing: against the single process that stores the graph
+    single = _fit_one_step(tmp_path / "one", 1, name, **({"inner_checkpointing": False} if "checkpointed" in name else {}))
     ddp = _fit_one_step(tmp_path / "two", 2, name)
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=1e-5)

@@ -17,6 +17,7 @@ ALGORITHMS = {
     "maml": (MAML, {}), "fomaml": (MAML, {"first_order": True}), "reptile": (Reptile, {"inner_optimizer": "sgd"}),
     "metasgd": (MetaSGD, {}), "mamlpp": (MAMLpp, {"inner_steps": 2, "bnwb": False, "bnrs": False}),
     "anil": (ANIL, {}), "transfer": (Transfer, {"inner_steps": 0}),
+    "mamlpp_checkpointed": (MAMLpp, {"inner_steps": 2, "bnwb": False, "bnrs": False, "inner_checkpointing": True}),
 }
 
 

@@ -20,6 +20,7 @@ from torch.func import functional_call, vmap
 from lit_meta.algorithms.episodic import adapt_task, outer_update_in_chunks, run_tasks
 from lit_meta.algorithms.meta_module import MetaModule
 from lit_meta.inner import Adapted, Params
+from lit_meta.inner_checkpoint import recompute_problem
 from lit_meta.metrics import mean_ci95
 from lit_meta.models import build_network
 from lit_meta.tasks import TaskBatch
@@ -65,6 +66,7 @@ class MetaLearner(MetaModule):
         grad_clip: float | None = None,
         task_chunk_size: int | None = None,
         transductive: bool = True,
+        inner_checkpointing: bool = False,
     ) -> None:
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
             raise ValueError(f"inner_steps/eval_inner_steps must be >= 0, got {inner_steps}/{eval_inner_steps}")
@@ -85,6 +87,9 @@ class MetaLearner(MetaModule):
         # Tasks adapted (and, in training, back-propagated) together. None: the whole
         # meta-batch in one vmap, fastest; k: peak memory of k tasks' graphs, same gradient.
         self.task_chunk_size = task_chunk_size
+        # Steps along the inner loop: keep only each step's parameters and recompute a
+        # second-order step in the outer backward; the same gradient, memory flat in steps.
+        self.inner_checkpointing = inner_checkpointing
         # Transductive: the query set is normalised with its own batch statistics (as the
         # MAML papers evaluated). Otherwise each query example is predicted alone beside
         # the support set (Nichol et al. 2018), or with per-step running statistics.
@@ -171,6 +176,11 @@ class MetaLearner(MetaModule):
         return out
 
     # ------------------------------------------------------------------ Lightning
+    def setup(self, stage: str) -> None:
+        # Here, not in __init__: the rule is built from what the subclass's __init__ adds.
+        if self.inner_checkpointing and (problem := recompute_problem(self.update_rule(True))):
+            raise ValueError(f"inner_checkpointing: {problem}")
+
     def training_step(self, batch: TaskBatch, batch_idx: int) -> None:
         out = self.outer_update(batch)
         if self.logging_step():

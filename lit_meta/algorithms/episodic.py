@@ -43,12 +43,14 @@ def inner_precision(learner: "MetaLearner") -> AbstractContextManager:
 def adapt_task(learner: "MetaLearner", params: Params, support_x: Tensor, support_y: Tensor, steps: int,
                first_order: bool, training: bool, trace: bool = False) -> Adapted:
     """``steps`` inner steps of the learner's rule on one task's support loss."""
-    def support_loss(p: Params, step: int) -> Tensor:
-        return learner.loss_fn(learner.forward_fn(p, support_x, step), support_y)
+    # The data are arguments, not closed over: inner checkpointing recomputes a step from its inputs.
+    def support_loss(p: Params, step: int, x: Tensor, y: Tensor) -> Tensor:
+        return learner.loss_fn(learner.forward_fn(p, x, step), y)
 
     with inner_precision(learner):
         return adapt(support_loss, params, steps, learner.update_rule(training), first_order,
-                     learner.adapt_names(), trace=trace)
+                     learner.adapt_names(), trace=trace, checkpoint=learner.inner_checkpointing,
+                     data=(support_x, support_y))
 
 
 def task_outputs(learner: "MetaLearner", params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,

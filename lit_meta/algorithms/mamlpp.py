@@ -64,8 +64,7 @@ class MAMLpp(MetaLearner):
 
     # -- LSLR
     def update_rule(self, training: bool) -> UpdateRule:
-        last = next(iter(self.inner_lrs.values())).shape[0] - 1
-        return SGD(lambda step, name: self.inner_lrs.of(name)[min(step, last)])
+        return SGD({n: self.inner_lrs.of(n) for n in self.adapt_names()}, per_step=True)
 
     def set_inner_lr(self, inner_lr: float) -> bool:
         super().set_inner_lr(inner_lr)

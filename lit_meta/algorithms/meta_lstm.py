@@ -27,10 +27,11 @@ example beside the support set instead, closer to the paper's support-set statis
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import Tensor
+from torch.func import functional_call
 
 from lit_meta.algorithms.base import MetaLearner
 from lit_meta.models.lstm_optimizers import MetaLSTMCell, MetaLSTMState
@@ -39,17 +40,31 @@ from lit_meta.update_rules import Params, flatten, unflatten
 
 @dataclass
 class MetaLSTMRule:
-    """c_t = f_t ⊙ c_{t−1} − i_t ⊙ ∇_t over all learner coordinates at once."""
+    """c_t = f_t ⊙ c_{t−1} − i_t ⊙ ∇_t over all learner coordinates at once.
+
+    ``weights`` (the cell's parameters by name) replaces the cell's own when the engine
+    rebuilds the rule to recompute a step (inner checkpointing)."""
 
     cell: MetaLSTMCell
+    weights: Params | None = None
 
     def init_state(self, params: Params) -> MetaLSTMState:
         return self.cell.init_state(flatten(params))
 
+    def tensors(self) -> Params:
+        return dict(self.cell.named_parameters())
+
+    def with_tensors(self, tensors: Params) -> MetaLSTMRule:
+        return replace(self, weights=dict(tensors))
+
     def __call__(self, step: int, params: Params, grads: Params, loss: Tensor,
                  state: MetaLSTMState) -> tuple[Params, MetaLSTMState]:
         theta, grad = flatten(params), flatten(grads)
-        f, i, state = self.cell(grad.detach(), loss.detach(), theta, state)
+        inputs = (grad.detach(), loss.detach(), theta, state)
+        if self.weights is None:
+            f, i, state = self.cell(*inputs)
+        else:
+            f, i, state = functional_call(self.cell, self.weights, inputs)
         return unflatten(f * theta - i * grad, params), state
 
 
@@ -76,12 +91,14 @@ class MetaLSTM(MetaLearner):
         grad_clip: float | None = 0.25,
         task_chunk_size: int | None = None,
         transductive: bool = True,
+        inner_checkpointing: bool = False,
     ) -> None:
         super().__init__(task_spec, backbone, backbone_kwargs, inner_lr=init_lr, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=first_order,
                          meta_batch_size=meta_batch_size, meta_optimizer=meta_optimizer, meta_lr=meta_lr,
                          lr_schedule=lr_schedule, weighting=weighting, grad_clip=grad_clip,
-                         task_chunk_size=task_chunk_size, transductive=transductive)
+                         task_chunk_size=task_chunk_size, transductive=transductive,
+                         inner_checkpointing=inner_checkpointing)
         self.meta_learner = MetaLSTMCell(hidden_size, preprocess_p, init_lr, init_forget)
 
     def update_rule(self, training: bool) -> MetaLSTMRule:
