@@ -38,7 +38,15 @@ class TaskBatch:
         return self.support_x.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "TaskBatch":
-        return TaskBatch(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
+        # Pinned tensors (DataLoader workers with pin_memory) go to a GPU without the host
+        # waiting: Lightning calls .to(device) on a batch object without non_blocking.
+        cuda = torch.device(device).type == "cuda"
+        return TaskBatch(*(t.to(device, non_blocking=non_blocking or (cuda and t.is_pinned()))
+                           for t in (getattr(self, f.name) for f in fields(self))))
+
+    def pin_memory(self) -> "TaskBatch":
+        """Page-locked copies (DataLoader's ``pin_memory=True`` calls this)."""
+        return TaskBatch(*(getattr(self, f.name).pin_memory() for f in fields(self)))
 
     def slice(self, start: int, stop: int) -> "TaskBatch":
         """Tasks ``start:stop``; used to give each DDP rank its share of a global meta-batch."""
