@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, vmap
 
+from lit_meta.compile import TaskCompiler
 from lit_meta.inner import SGD, Adapted, Params, UpdateRule, adapt
 from lit_meta.meta_step import MetaStep
 from lit_meta.models import build_network
@@ -56,6 +57,7 @@ class MetaLearner(pl.LightningModule):
         grad_clip: float | None = None,
         task_chunk_size: int | None = None,
         transductive: bool = True,
+        compile_tasks: str | None = None,
     ) -> None:
         super().__init__()
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
@@ -89,6 +91,8 @@ class MetaLearner(pl.LightningModule):
         # MAML papers evaluated). Otherwise each query example is predicted alone beside
         # the support set (Nichol et al. 2018), or with per-step running statistics.
         self.transductive = transductive
+        # torch.compile of the paths with no backward through the inner gradients (lit_meta.compile)
+        self.task_compiler = TaskCompiler(compile_tasks)
         self.regression = task_spec["kind"] == "regression"
         self._eval_sums: dict[str, Tensor] = {}
 
@@ -224,10 +228,17 @@ class MetaLearner(pl.LightningModule):
         keeps the graph to θ; algorithms whose outer step needs no backward turn it off.
         ``absorb``: hand training outputs to ``absorb_task_outputs`` (once per meta-batch)."""
         params = self.inner_params()
-        if not (training if differentiable is None else differentiable):
+        differentiable = training if differentiable is None else differentiable
+        if not differentiable:
             params = {n: p.detach() for n, p in params.items()}
-        fn = partial(self.task_outputs, steps=steps, first_order=first_order, training=training)
-        batched = vmap(fn, in_dims=(None, 0, 0, 0, 0), randomness="different", chunk_size=self.task_chunk_size)
+
+        def build():
+            fn = partial(self.task_outputs, steps=steps, first_order=first_order, training=training)
+            return vmap(fn, in_dims=(None, 0, 0, 0, 0), randomness="different", chunk_size=self.task_chunk_size)
+
+        # second order (a double backward) and step-dependent orders run eagerly
+        capturable = not differentiable or first_order is True
+        batched = self.task_compiler((steps, first_order, training, differentiable), build, capturable)
         out = batched(params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         if training and absorb:
             self.absorb_task_outputs(out)
