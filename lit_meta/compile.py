@@ -8,7 +8,8 @@ AOTAutograd does not compile, so it always runs eagerly; so does a step-dependen
 ``first_order`` (MAML++'s annealing).
 
 Modes: ``default``, ``max-autotune`` (Inductor kernels), ``reduce-overhead`` (Inductor plus
-CUDA graphs: one replay per meta-batch instead of hundreds of kernel launches) and
+CUDA graphs: one replay per meta-batch instead of hundreds of kernel launches),
+``cudagraphs`` (CUDA graphs of the captured aten graph, no Inductor: quick to compile) and
 ``aot_eager`` (captures the graph with AOTAutograd and runs it eagerly: no code generation,
 used by the CPU tests to check the capture and its numbers). Whether any of them pays
 is a GPU question: ``benchmarks/gpu_check.py`` compares each with eager on the same batch
@@ -20,7 +21,9 @@ from typing import Any, Callable, Hashable
 
 import torch
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "aot_eager")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "cudagraphs", "aot_eager")
+BACKENDS = {"cudagraphs": "cudagraphs", "aot_eager": "aot_eager"}  # modes that name a backend, not an Inductor mode
+CUDA_GRAPHS = ("reduce-overhead", "cudagraphs")
 
 
 def check_compile_mode(mode: str | None) -> None:
@@ -45,10 +48,9 @@ class TaskCompiler:
         return fn
 
     def _compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        if self.mode == "aot_eager":
-            return torch.compile(fn, backend="aot_eager")
-        compiled = torch.compile(fn, mode=self.mode)
-        if self.mode != "reduce-overhead":
+        backend = BACKENDS.get(self.mode)
+        compiled = torch.compile(fn, backend=backend) if backend else torch.compile(fn, mode=self.mode)
+        if self.mode not in CUDA_GRAPHS:
             return compiled
 
         def replay(*args: Any, **kwargs: Any) -> Any:
