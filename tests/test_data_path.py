@@ -202,3 +202,62 @@ def test_loader_workers_fit_equals_in_process_fit(omni_npz, tmp_path):
 def test_loader_workers_option_is_checked():
     with pytest.raises(ValueError, match="loader_workers must be an integer >= 0, got -1"):
         EpisodicDataModule(loader_workers=-1)
+
+
+
+# ---------------------------------------------------------------------------- on CUDA (pytest -m gpu)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("rotations", [False, True])
+def test_cuda_sampling_makes_no_host_sync_and_draws_the_cpu_episodes(rotations):
+    from lit_meta.sync_guard import cuda_sync_errors
+
+    pool = pool_of(rotations=rotations, counts=[5, 7, 4, 6, 5, 8, 4])
+    on_gpu = pool.to("cuda")
+    with cuda_sync_errors():
+        gpu = sample_episodes(on_gpu, torch.Generator().manual_seed(3), 16, 4, 2, 2, MEAN, STD)
+    assert gpu.query_x.is_cuda
+    assert_same(gpu.to("cpu"), sample_episodes(pool, torch.Generator().manual_seed(3), 16, 4, 2, 2, MEAN, STD))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "mamlpp"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_cuda_training_steps_make_no_host_sync(name, precision, omni_npz, tmp_path):
+    """Sampling and training_step under torch.cuda.set_sync_debug_mode("error")."""
+    from lit_meta.sync_guard import cuda_sync_errors
+
+    cls, kwargs = ALGORITHMS[name]
+    dm = tiny_omniglot(omni_npz, tmp_path)
+    model = cls(task_spec=dm.task_spec, backbone_kwargs={"filters": 4}, meta_batch_size=4, **kwargs)
+    sample = dm.train_batch
+
+    def guarded_sample(step: int) -> TaskBatch:
+        with cuda_sync_errors():
+            return sample(step)
+
+    dm.train_batch = guarded_sample
+    guard_training_steps(model, strict=False, cuda=True)
+    trainer = pl.Trainer(accelerator="cuda", devices=1, precision=precision, max_steps=4, limit_val_batches=0,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, log_every_n_steps=1,
+                         inference_mode=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 4 and dm.pools["train"].images.is_cuda
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_loader_workers_on_cuda_pin_and_equal_in_process(omni_npz, tmp_path):
+    dm = tiny_omniglot(omni_npz, tmp_path, steps_per_epoch=4)
+    dm.setup()
+    dm.loader_workers = 2
+    dm.trainer = _AtStep(0)
+    dm.trainer.strategy.root_device = torch.device("cuda")
+    batches = list(dm.train_dataloader())
+    assert all(b.query_x.is_pinned() for b in batches)
+    for step, batch in enumerate(batches):
+        assert_same(batch.to("cuda").to("cpu"), dm.train_batch(step))
