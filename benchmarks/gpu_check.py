@@ -256,7 +256,7 @@ def prepare_environment(smoke: bool) -> tuple[dict[str, str], dict[str, Any]]:
         site = Path(tempfile.gettempdir()) / "lit_meta_gpu_site"
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)], check=True)
-        paths.insert(0, str(site))
+        paths.append(str(site))  # after the repository: a wheel here ships a top-level `tests` package
         done["wheels"] = [w.name for w in wheels]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
