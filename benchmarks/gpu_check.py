@@ -73,8 +73,8 @@ COMPILE_PATHS = ("reptile", "fomaml", "eval")
 
 # Seconds: each part's own limit on a GPU, and the deadline they share (7 minutes less
 # the start-up, the wheel install and the summary).
-LIMITS = {"tests": 75, "speed_case": 60, "fit": 150, "compile": 110}
-RESERVE = {"tests": 0, "speed": 120, "fit": 90, "compile": 45}  # kept for the parts after each one
+LIMITS = {"tests": 90, "speed_case": 55, "fit": 140, "compile": 100}
+RESERVE = {"tests": 200, "speed": 130, "fit": 40, "compile": 0}  # kept for the parts after each one
 DEADLINE = 400
 SMOKE_LIMITS = {"tests": 120, "speed_case": 90, "fit": 150, "compile": 120}
 SMOKE_DEADLINE = 600
