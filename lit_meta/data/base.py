@@ -153,9 +153,10 @@ class _StepLoader(DataLoader):
     there is no loader state to save; having the interface tells Lightning so."""
 
     def __iter__(self):
-        # Read the start step here, in the main process: workers forked below copy it.
+        # With workers, read the start step here, in the main process: the workers forked
+        # below copy it (their copy of the trainer would not follow a later resume).
         if isinstance(self.dataset, _TrainStream):
-            self.dataset.start = self.dataset.dm._start_step()
+            self.dataset.start = self.dataset.dm._start_step() if self.num_workers else None
         return super().__iter__()
 
     def state_dict(self) -> dict[str, Any]:
