@@ -94,8 +94,9 @@ def speed_cases(smoke: bool) -> list[tuple[str, list[str]]]:
                                            "--shots", "1", "--queries", "15", "--meta-batch-size", "4",
                                            "--inner-steps", "5", "--random-images"]),
     ]
-    if smoke:  # --short: 4 tasks, 1 + 2 steps per side; one inner step keeps second order cheap on a CPU
-        cases = [(name, [*flags, "--short", "--inner-steps", "1", "--threads", "1"]) for name, flags in cases]
+    if smoke:  # --short: 4 tasks, 1 + 2 steps per side; one inner step and one query keep it cheap on a CPU
+        cases = [(name, [*flags, "--short", "--inner-steps", "1", "--queries", "1", "--threads", "1"])
+                 for name, flags in cases]
     else:
         cases = [(name, [*flags, "--steps", "30", "--warmup", "3"]) for name, flags in cases]
     return cases

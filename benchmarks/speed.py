@@ -114,8 +114,14 @@ def build_data(args: argparse.Namespace, device: torch.device) -> tuple[Episodic
     """Our DataModule, the baseline's image tensor ``[classes, per_class, C, H, W]`` (the same
     images, on ``device``), and a description. Ours is ``OmniglotDataModule`` on the real pack
     at ../shared/data/omniglot; without the pack, both sides draw from random images."""
+    if args.dataset == "miniimagenet":
+        # miniImageNet's shape (64 train classes of 3x84x84), random images: no pack here
+        g = torch.Generator().manual_seed(0)
+        images = torch.rand(64, 20, 3, 84, 84, generator=g).to(device)
+        dm = TensorTasks(images, args.ways, args.shots, args.queries, args.meta_batch_size)
+        return dm, images, "random images [64, 20, 3, 84, 84], TensorTasks sampler (benchmarks/speed.py)"
     if args.dataset != "omniglot":
-        raise SystemExit(f"--dataset {args.dataset!r}: only omniglot is supported")
+        raise SystemExit(f"--dataset {args.dataset!r}: only omniglot and miniimagenet are supported")
     if args.random_images or not OMNIGLOT_PACK.exists():
         if not args.random_images:
             print(f"speed.py: no Omniglot pack at {OMNIGLOT_PACK}; timing on random images of its shape",
@@ -151,7 +157,10 @@ def build_ours(args: argparse.Namespace, dm: EpisodicDataModule, device: torch.d
             raise SystemExit("--algorithm reptile: lit_meta.algorithms has no Reptile yet")
     else:
         cls = algorithms.MAML
-    kwargs = dict(task_spec=dm.task_spec, backbone="conv4", inner_lr=args.inner_lr, inner_steps=args.inner_steps,
+    # Finn et al. 2017: conv4/64 stride 2 on Omniglot, conv4/32 with max-pool on miniImageNet
+    backbone_kwargs = {"filters": 32, "max_pool": True} if args.dataset == "miniimagenet" else None
+    kwargs = dict(task_spec=dm.task_spec, backbone="conv4", backbone_kwargs=backbone_kwargs,
+                  inner_lr=args.inner_lr, inner_steps=args.inner_steps,
                   first_order=first_order or args.algorithm == "reptile", meta_batch_size=args.meta_batch_size,
                   meta_lr=args.meta_lr, task_chunk_size=args.task_chunk_size)
     model = cls(**kwargs).to(device)
@@ -406,13 +415,14 @@ def scaling(args: argparse.Namespace, device: torch.device) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algorithm", choices=("maml", "fomaml", "reptile"), default="maml")
-    p.add_argument("--dataset", default="omniglot")
+    p.add_argument("--dataset", choices=("omniglot", "miniimagenet"), default="omniglot",
+                   help="omniglot 1x28x28 conv4/64; miniimagenet 3x84x84 conv4/32 max-pool (random images)")
     p.add_argument("--ways", type=int, default=5)
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--queries", type=int, default=1)
     p.add_argument("--meta-batch-size", type=int, default=32)
     p.add_argument("--inner-steps", type=int, default=1)
-    p.add_argument("--inner-lr", type=float, default=None, help="default: 0.4 (MAML), 0.001 (Reptile's Adam)")
+    p.add_argument("--inner-lr", type=float, default=None, help="default: 0.4 (MAML, Omniglot), 0.01 (MAML, miniImageNet), 0.001 (Reptile's Adam)")
     p.add_argument("--meta-lr", type=float, default=None, help="default: 1e-3 (MAML, Adam), 1.0 (Reptile, SGD)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
@@ -434,7 +444,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-side", choices=("ours", "baseline"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     reptile = args.algorithm == "reptile"
-    args.inner_lr = args.inner_lr if args.inner_lr is not None else 0.001 if reptile else 0.4
+    maml_lr = 0.01 if args.dataset == "miniimagenet" else 0.4
+    args.inner_lr = args.inner_lr if args.inner_lr is not None else 0.001 if reptile else maml_lr
     args.meta_lr = args.meta_lr if args.meta_lr is not None else 1.0 if reptile else 1e-3
     args.argv = list(sys.argv[1:] if argv is None else argv)  # replayed by the memory subprocesses
     if args.short:
