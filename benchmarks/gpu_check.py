@@ -40,7 +40,7 @@ Parts, and the keys of the one-line JSON summary printed last (and written to ``
 The next session with a GPU makes exactly this device call (``run``), after
 ``bash benchmarks/gpu_wheels.sh`` here (it fills the git-ignored ``.whl`` and ``.gpu_data``):
 
-    command: "PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log"
+    command: "PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json --log $OUT/parts.log 2>&1 | tee $OUT/gpu_check.log"
     carry:   [".whl", ".gpu_data"]
     timeout_s: 540
 
@@ -130,9 +130,13 @@ class Runner:
         seconds = time.monotonic() - begin
         if self.args.verbose:
             sys.stderr.write(output)
+        if self.args.log:  # every part's own output, for diagnosis after the machine is gone
+            with open(self.args.log, "a") as handle:
+                status = "timed out" if code is None else f"exit {code}"
+                handle.write(f"\n===== {' '.join(cmd[1:])}  ({status}, {seconds:.1f} s)\n{output}")
         return code, output, seconds
 
-    def worker(self, part: str, timeout: float, *extra: str) -> tuple[list[dict[str, Any]], str | None, float]:
+    def worker(self, part: str, timeout: float) -> tuple[list[dict[str, Any]], str | None, float]:
         """Run ``gpu_check.py --worker part``; its JSON lines (written as it goes, so a timeout
         keeps what finished) and an error line if it failed."""
         with tempfile.TemporaryDirectory() as tmp:
@@ -140,7 +144,7 @@ class Runner:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", part, "--result", str(result),
                    "--device", self.device, *(["--cpu-smoke"] if self.args.cpu_smoke else []),
                    "--fit-steps", str(self.args.fit_steps), "--fit-seconds", str(self.args.fit_seconds),
-                   "--fit-warmup", str(self.args.fit_warmup), "--sync-steps", str(self.args.sync_steps), *extra]
+                   "--fit-warmup", str(self.args.fit_warmup), "--sync-steps", str(self.args.sync_steps)]
             code, output, seconds = self.run(cmd, timeout)
             lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()] \
                 if result.exists() else []
@@ -518,6 +522,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="also write the JSON summary to this file")
+    p.add_argument("--log", help="append every part's own output to this file")
     p.add_argument("--cpu-smoke", action="store_true", help="the same code paths with tiny sizes on the CPU")
     p.add_argument("--skip", nargs="*", default=[], choices=("tests", "speed", "fit", "compile"))
     p.add_argument("--deadline", type=float, default=DEADLINE, help="seconds all parts share (GPU)")

@@ -27,13 +27,17 @@ def gpu_check():
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_check") / "summary.json"
+    folder = tmp_path_factory.mktemp("gpu_check")
+    out, log = folder / "summary.json", folder / "parts.log"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(out),
+                           "--log", str(log)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     line = done.stdout.strip().splitlines()[-1]
     assert json.loads(out.read_text()) == json.loads(line)  # --out holds the printed summary
+    parts = log.read_text()  # every part's own output, for diagnosis
+    assert parts.count("benchmarks/speed.py") == 4 and "--worker fit" in parts and "--worker compile" in parts
+    assert "-m pytest -m gpu" in parts
     return json.loads(line)
 
 
