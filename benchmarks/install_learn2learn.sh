@@ -15,27 +15,35 @@
 # Idempotent: exits at once when learn2learn 0.2.0 already imports. Needs torch
 # installed first (e.g. `pip install -e .`). Its Lightning wrappers target PL 1.x and
 # are not used by lit_meta.
+#
+# `install_learn2learn.sh --wheel DIR` instead builds learn2learn's wheel for $PYTHON's
+# version into DIR (steps 1-2, then `pip wheel`), installs nothing and needs no torch:
+# benchmarks/gpu_wheels.sh uses it to carry a cp312 build to a machine without an index.
 set -euo pipefail
 
 PY="${PYTHON:-python}"
+WHEEL_DIR=""
+if [[ "${1:-}" == "--wheel" ]]; then
+    WHEEL_DIR="$(mkdir -p "${2:?--wheel needs a folder}" && cd "$2" && pwd)"
+fi
 VERSION=0.2.0
 SHA256=69f1d7cb0d0a6be7a2c6ad8e83e2ebbe70fb05e51d61e45e63078b40c75ea419
 CYTHON_SPEC="cython>=3.0,<4"
 
 echo "install_learn2learn: using $(command -v "$PY") ($("$PY" --version 2>&1))"
 
-if "$PY" -c "import learn2learn, sys; sys.exit(learn2learn.__version__ != '$VERSION')" 2>/dev/null; then
+if [[ -z "$WHEEL_DIR" ]] && "$PY" -c "import learn2learn, sys; sys.exit(learn2learn.__version__ != '$VERSION')" 2>/dev/null; then
     echo "install_learn2learn: learn2learn $VERSION already imports; nothing to do"
     exit 0
 fi
 
-if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
+if [[ -z "$WHEEL_DIR" ]] && ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
     echo "install_learn2learn: torch and torchvision must be installed first (pip install -e .)" >&2
     exit 1
 fi
 # Distribution versions (what pip compares), not torch.__version__ (may carry a local tag).
 versions() { "$PY" -c "from importlib.metadata import version as v; print(v('torch'), v('torchvision'))"; }
-before="$(versions)"
+[[ -n "$WHEEL_DIR" ]] || before="$(versions)"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -71,6 +79,11 @@ done
 
 # 3. learn2learn itself, never its dependencies (its install_requires would pull gsutil
 # and could re-resolve torch).
+if [[ -n "$WHEEL_DIR" ]]; then
+    "$PY" -m pip wheel --quiet --no-build-isolation --no-deps "$src" -w "$WHEEL_DIR"
+    echo "install_learn2learn: built $(cd "$WHEEL_DIR" && ls learn2learn-$VERSION-*.whl)"
+    exit 0
+fi
 "$PY" -m pip install --quiet --no-build-isolation --no-deps "$src"
 if [[ -n "$saved_pythonpath" ]]; then export PYTHONPATH="$saved_pythonpath"; else unset PYTHONPATH; fi
 

@@ -161,9 +161,12 @@ class MetaStep:
         if module._trainer is None or not getattr(module, "logging_step", lambda: True)():
             return
         w = weights.detach().float()
+        # filled on the weights' device: a host tensor here would be copied to the GPU, and wait, every log
+        skipped = self._skipped.float() if isinstance(self._skipped, Tensor) else torch.full(
+            (), float(self._skipped), device=w.device)
         module.log_dict(
             {"meta/weight_min": w.min(), "meta/weight_max": w.max(), "meta/weight_spread": w.max() - w.min(),
-             "meta/skipped_steps": torch.as_tensor(self._skipped, dtype=torch.float32)},
+             "meta/skipped_steps": skipped},
             on_step=True,
             on_epoch=False,
         )

@@ -45,7 +45,15 @@ class TaskBatch:
         return self.support_x.shape[0]
 
     def to(self: Batch, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return type(self)(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
+        # Pinned tensors (DataLoader workers with pin_memory) go to a GPU without the host
+        # waiting: Lightning calls .to(device) on a batch object without non_blocking.
+        cuda = torch.device(device).type == "cuda"
+        return type(self)(*(t.to(device, non_blocking=non_blocking or (cuda and t.is_pinned()))
+                            for t in (getattr(self, f.name) for f in fields(self))))
+
+    def pin_memory(self: Batch) -> Batch:
+        """Page-locked copies (DataLoader's ``pin_memory=True`` calls this)."""
+        return type(self)(*(getattr(self, f.name).pin_memory() for f in fields(self)))
 
     def slice(self: Batch, start: int, stop: int) -> Batch:
         """Tasks ``start:stop``; used to give each DDP rank its share of a global meta-batch."""

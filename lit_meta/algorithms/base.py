@@ -19,6 +19,7 @@ from torch.func import functional_call, vmap
 
 from lit_meta.algorithms.episodic import adapt_task, outer_update_in_chunks, run_tasks
 from lit_meta.algorithms.meta_module import MetaModule
+from lit_meta.compile import TaskCompiler
 from lit_meta.inner import Adapted, Params
 from lit_meta.inner_checkpoint import recompute_problem
 from lit_meta.metrics import mean_ci95
@@ -67,6 +68,7 @@ class MetaLearner(MetaModule):
         task_chunk_size: int | None = None,
         transductive: bool = True,
         inner_checkpointing: bool = False,
+        compile_tasks: str | None = None,
     ) -> None:
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
             raise ValueError(f"inner_steps/eval_inner_steps must be >= 0, got {inner_steps}/{eval_inner_steps}")
@@ -94,6 +96,8 @@ class MetaLearner(MetaModule):
         # MAML papers evaluated). Otherwise each query example is predicted alone beside
         # the support set (Nichol et al. 2018), or with per-step running statistics.
         self.transductive = transductive
+        # torch.compile of the paths with no backward through the inner gradients (lit_meta.compile)
+        self.task_compiler = TaskCompiler(compile_tasks)
         self.regression = task_spec["kind"] == "regression"
 
     # ------------------------------------------------------------------ what adapts, and how

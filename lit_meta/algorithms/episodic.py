@@ -80,10 +80,18 @@ def run_tasks(learner: "MetaLearner", batch: TaskBatch, steps: int, first_order:
     keeps the graph to θ; algorithms whose outer step needs no backward turn it off.
     ``absorb``: hand training outputs to ``absorb_task_outputs`` (once per meta-batch)."""
     params = learner.inner_params()
-    if not (training if differentiable is None else differentiable):
+    differentiable = training if differentiable is None else differentiable
+    if not differentiable:
         params = {n: p.detach() for n, p in params.items()}
-    fn = partial(task_outputs, learner, steps=steps, first_order=first_order, training=training)
-    batched = vmap(fn, in_dims=(None, 0, 0, 0, 0), randomness="different", chunk_size=learner.task_chunk_size)
+
+    def build():
+        fn = partial(task_outputs, learner, steps=steps, first_order=first_order, training=training)
+        return vmap(fn, in_dims=(None, 0, 0, 0, 0), randomness="different", chunk_size=learner.task_chunk_size)
+
+    # torch.compile (``compile_tasks``) only where no double backward runs: second order and
+    # step-dependent orders run eagerly (lit_meta.compile)
+    capturable = not differentiable or first_order is True
+    batched = learner.task_compiler((steps, first_order, training, differentiable), build, capturable)
     out = batched(params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
     if training and absorb:
         learner.absorb_task_outputs(out)

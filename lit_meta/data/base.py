@@ -21,15 +21,23 @@ only its own options (and any shared one whose default it changes, e.g. Omniglot
 LightningCLI (jsonargparse) follows that ``**kwargs`` into the base signatures by reading
 the source, so ``--data.init_args.<shared option>`` and its type and default stay on the
 command line and in configs.
+
+Where sampling runs: in-process by default, on the training device (in-memory pools live
+there; see ``lit_meta.data.images.sample_episodes``). With ``loader_workers`` N > 0 (data
+that stays on the host, e.g. memory-mapped), N forked DataLoader workers draw the training
+meta-batches, worker ``w`` steps ``start + w, start + w + N, ...`` (the loader returns them
+in step order), into pinned memory; ``TaskBatch.to`` then copies them non-blocking. The
+episodes are the same either way: a step's tasks depend only on ``(seed, step)``.
 """
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lit_meta.tasks import TaskBatch
 
@@ -65,6 +73,7 @@ class EpisodicDataModule(pl.LightningDataModule):
         test_tasks: int = 600,
         steps_per_epoch: int = 500,
         seed: int = 0,
+        loader_workers: int = 0,
     ) -> None:
         super().__init__()
         check_positive("meta_batch_size", meta_batch_size)
@@ -73,12 +82,16 @@ class EpisodicDataModule(pl.LightningDataModule):
         check_positive("steps_per_epoch", steps_per_epoch)
         if eval_batch_size is not None:
             check_positive("eval_batch_size", eval_batch_size)
+        check_positive("loader_workers", loader_workers, minimum=0)
+        if loader_workers and "fork" not in multiprocessing.get_all_start_methods():
+            raise ValueError(f"loader_workers={loader_workers} needs the 'fork' start method (Linux); use 0")
         self.meta_batch_size = meta_batch_size
         self.eval_batch_size = eval_batch_size or meta_batch_size
         self.val_tasks = val_tasks
         self.test_tasks = test_tasks
         self.steps_per_epoch = steps_per_epoch
         self.seed = seed
+        self.loader_workers = loader_workers
 
     # -- to implement -------------------------------------------------------------
     @property
@@ -97,10 +110,11 @@ class EpisodicDataModule(pl.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     def data_device(self) -> torch.device:
-        """Where in-memory datasets should live: the training GPU if there is one, else the CPU."""
+        """Where in-memory datasets should live: the training GPU if there is one, else the CPU
+        (always the CPU with ``loader_workers``: the workers sample on the host)."""
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        return device if device.type == "cuda" else torch.device("cpu")
+        return device if device.type == "cuda" and not self.loader_workers else torch.device("cpu")
 
     def _start_step(self) -> int:
         return self.trainer.global_step if self.trainer is not None else 0
@@ -128,7 +142,14 @@ class EpisodicDataModule(pl.LightningDataModule):
         return self.sample_tasks(split, generator, sizes[chunk])
 
     def train_dataloader(self) -> DataLoader:
-        return _StepLoader(_TrainStream(self), batch_size=None, num_workers=0)
+        if not self.loader_workers:
+            return _StepLoader(_TrainStream(self), batch_size=None, num_workers=0)
+        trainer = self.trainer
+        cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        # fork: the workers inherit the pools (memory-mapped ones stay shared) and the
+        # trainer's rank; they never touch CUDA, so forking a CUDA process is safe.
+        return _StepLoader(_TrainStream(self), batch_size=None, num_workers=self.loader_workers, pin_memory=cuda,
+                           multiprocessing_context="fork")
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_EvalTasks(self, "val"), batch_size=None, num_workers=0)
@@ -180,6 +201,13 @@ class _StepLoader(DataLoader):
     """Resumable by construction (the stream restarts at the restored global step), so
     there is no loader state to save; having the interface tells Lightning so."""
 
+    def __iter__(self):
+        # With workers, read the start step here, in the main process: the workers forked
+        # below copy it (their copy of the trainer would not follow a later resume).
+        if isinstance(self.dataset, _TrainStream):
+            self.dataset.start = self.dataset.dm._start_step() if self.num_workers else None
+        return super().__iter__()
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -192,15 +220,19 @@ class _TrainStream(IterableDataset):
 
     def __init__(self, dm: EpisodicDataModule) -> None:
         self.dm = dm
+        self.start: int | None = None
 
     def __len__(self) -> int:
         return self.dm.steps_per_epoch
 
     def __iter__(self) -> Iterator[TaskBatch]:
-        start = self.dm._start_step()
+        start = self.dm._start_step() if self.start is None else self.start
         # On a mid-epoch resume only the rest of the epoch is left.
         stop = start + self.dm.steps_per_epoch - start % self.dm.steps_per_epoch
-        for step in range(start, stop):
+        worker = get_worker_info()
+        # Worker w of N takes every N-th step; the loader interleaves them back into order.
+        first, stride = (start, 1) if worker is None else (start + worker.id, worker.num_workers)
+        for step in range(first, stop, stride):
             yield self.dm.train_batch(step)
 
 

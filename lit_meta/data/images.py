@@ -122,13 +122,28 @@ def preprocess_list(arrays: Sequence[np.ndarray], image_size: int, invert: bool 
     return torch.cat(out) if out else torch.empty(0, 1, image_size, image_size, dtype=torch.uint8)
 
 
+def channel_constants(values: Sequence[float], device: torch.device) -> Tensor:
+    """float32 ``[C, 1, 1]`` on ``device``, filled there: ``torch.tensor(values, device=cuda)``
+    would copy from pageable host memory and wait for it (a host sync every sampled batch)."""
+    return torch.stack([torch.full((), float(v), device=device) for v in values]).view(len(values), 1, 1)
+
+
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 ``[..., C, H, W]`` -> float32 ``(x/255 - mean) / std`` per channel."""
     x = images.float().div_(255)
     if any(m != 0 for m in mean) or any(s != 1 for s in std):
-        shape = (len(mean), 1, 1)
-        x = (x - torch.tensor(mean, device=x.device).view(shape)) / torch.tensor(std, device=x.device).view(shape)
+        x = (x - channel_constants(mean, x.device)) / channel_constants(std, x.device)
     return x
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without a host sync: on CUDA through pinned memory with a
+    non-blocking copy (a pageable or blocking copy makes the host wait for the stream)."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=device.type != "cpu")
 
 
 @dataclass
@@ -214,8 +229,16 @@ def sample_episodes(pool: ClassPool, generator: torch.Generator, num_tasks: int,
     """``num_tasks`` ways-way episodes from ``pool``: ``shots`` support and ``queries`` query images per class.
 
     Per task, ``ways`` distinct classes (in random order, which is the label permutation)
-    and ``shots + queries`` distinct images of each; all of it from ``generator`` on the
-    CPU, then one gather on the pool's device. Labels are episode-local ``0..ways-1``.
+    and ``shots + queries`` distinct images of each. Labels are episode-local ``0..ways-1``.
+
+    Where the numbers come from (the data path on a GPU): every random number is drawn on
+    the CPU from ``generator`` (the step's ``torch.Generator``), and only the resulting
+    ``[T, W, n]`` indices (a few KB) go to the pool's device, pinned and non-blocking;
+    the images never leave it. So the tasks of a step are the same on every device, every
+    GPU model and every DDP rank (a CUDA generator's numbers depend on the device and its
+    launch configuration, and cannot reproduce the CPU's), resume and DDP shares stay exact
+    by construction, and nothing after the draw reads a device value on the host: the
+    gather, the rotations, normalisation and labels are device ops with no host sync.
     With ``device`` (a pool kept on the host, e.g. memory-mapped), the gathered uint8
     images are copied there before anything else is done to them.
     """
@@ -225,30 +248,37 @@ def sample_episodes(pool: ClassPool, generator: torch.Generator, num_tasks: int,
     classes = torch.rand(num_tasks, pool.num_classes, generator=generator).topk(ways, dim=1).indices
     base, turns = classes % base_classes, classes // base_classes
     counts = pool.counts[base]
-    width = int(counts.max())
+    width = int(counts.max())  # host tensors: no device involved
     keys = torch.rand(num_tasks, ways, width, generator=generator)
     keys.masked_fill_(torch.arange(width) >= counts[..., None], -1.0)  # past the class's end: never drawn
     items = keys.topk(per_class, dim=-1).indices
     index = pool.offsets[base][..., None] + items  # [T, W, shots + queries]
-    x = pool.images[index.to(pool.images.device)]  # the one gather: [T, W, n, C, H, W]
-    if device is not None and x.device != device:
-        # uint8 crosses the bus (4x less than float); pinned, so the copy is asynchronous
-        x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+    x = pool.images[to_device(index, pool.images.device)]  # the one gather: [T, W, n, C, H, W]
+    # A pool kept on the host (e.g. memory-mapped): uint8 crosses the bus (4x less than float), pinned
+    device = x.device if device is None else device
+    x = to_device(x, device)
     if pool.rotations:
-        for r in (1, 2, 3):
-            # Integer indices found on the CPU: no device sync, as boolean masks would need.
-            task, way = ((turns == r).nonzero(as_tuple=True))
-            if len(task):
-                task, way = task.to(x.device), way.to(x.device)
-                x[task, way] = torch.rot90(x[task, way], r, dims=(-2, -1))
+        x = rotate_quarters(x, to_device(turns, device))
     x = normalize(x, mean, std)
     image_shape = x.shape[3:]
     support_x = x[:, :, :shots].reshape(num_tasks, ways * shots, *image_shape)
     query_x = x[:, :, shots:].reshape(num_tasks, ways * queries, *image_shape)
-    labels = torch.arange(ways, device=x.device)
-    support_y = labels.repeat_interleave(shots).expand(num_tasks, -1).contiguous()
-    query_y = labels.repeat_interleave(queries).expand(num_tasks, -1).contiguous()
+    # expand, not repeat_interleave: older torch builds its repeats tensor on the device and reads it back
+    labels = torch.arange(ways, device=x.device)[:, None]
+    support_y = labels.expand(ways, shots).reshape(-1).expand(num_tasks, -1).contiguous()
+    query_y = labels.expand(ways, queries).reshape(-1).expand(num_tasks, -1).contiguous()
     return TaskBatch(support_x, support_y, query_x, query_y)
+
+
+def rotate_quarters(x: Tensor, turns: Tensor) -> Tensor:
+    """``x[t, w]`` (``[T, W, ..., S, S]``) turned ``turns[t, w]`` quarter turns (``torch.rot90``).
+
+    All four turns of every image, then one gather: no per-turn Python branch or
+    ``nonzero`` on the turn values, so no host sync (a few 28x28 copies cost nothing)."""
+    every = torch.stack([torch.rot90(x, r, dims=(-2, -1)) for r in range(4)], dim=2)  # [T, W, 4, ...]
+    tasks = torch.arange(x.shape[0], device=x.device)[:, None]
+    ways = torch.arange(x.shape[1], device=x.device)[None, :]
+    return every[tasks, ways, turns]
 
 
 # ---------------------------------------------------------------------------- caching
