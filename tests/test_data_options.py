@@ -15,7 +15,8 @@ from lit_meta.data.images import RESIZE
 from lit_meta.data.miniimagenet import MEAN, STD
 from tests.conftest import REPO
 
-STREAM = {"eval_batch_size": None, "val_tasks": 100, "test_tasks": 600, "steps_per_epoch": 500, "seed": 0}
+STREAM = {"eval_batch_size": None, "val_tasks": 100, "test_tasks": 600, "steps_per_epoch": 500, "seed": 0,
+          "loader_workers": 0}
 EPISODES = {"ways": 5, "shots": 1, "queries": 15, "eval_ways": None, "eval_shots": None, "eval_queries": None}
 IMAGES = {"image_size": 84, "rotations": False, "cache_dir": None}
 

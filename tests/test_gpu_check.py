@@ -17,12 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, load_benchmark
-
-
-@pytest.fixture(scope="module")
-def gpu_check():
-    return load_benchmark("gpu_check")
+from benchmarks import gpu_check
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +84,7 @@ def test_without_cuda_it_stops_at_once_with_one_line():
     assert len(lines) == 1 and "no CUDA device" in lines[0] and "--cpu-smoke" in lines[0]
 
 
-def test_a_part_past_its_limit_is_killed_and_reported(gpu_check, tmp_path):
+def test_a_part_past_its_limit_is_killed_and_reported(tmp_path):
     args = gpu_check.parse_args(["--cpu-smoke"])
     runner = gpu_check.Runner(args, dict(os.environ))
     begin = time.monotonic()
