@@ -16,7 +16,8 @@ meta-trained on optimizee functions). It owns
   a checkpoint's tensors do not fit the model.
 
 Subclasses implement ``outer_update`` (one meta-step), ``validation_step`` /
-``test_step`` (add to ``eval_sums``), ``evaluation_metrics`` and ``monitor``; they may
+``test_step`` (add to ``eval_sums``; a batch of zero tasks, which a DDP rank gets when
+there are fewer evaluation tasks than ranks, adds nothing), ``evaluation_metrics`` and ``monitor``; they may
 override ``begin_evaluation``, ``results_extra``, ``meta_parameters`` and ``algorithm_name``.
 """
 from __future__ import annotations
@@ -154,10 +155,10 @@ class MetaModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         # reduced over ranks by eval_sums, so no sync_dist
-        self.log_dict(self.evaluation_metrics("val", self.eval_sums.reduce()), rank_zero_only=False)
+        self.log_dict(self.evaluation_metrics("val", self.eval_sums.reduce(self.device)), rank_zero_only=False)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.evaluation_metrics("test", self.eval_sums.reduce()), rank_zero_only=False)
+        self.log_dict(self.evaluation_metrics("test", self.eval_sums.reduce(self.device)), rank_zero_only=False)
 
     # ------------------------------------------------------------------ checkpoints
     def configure_callbacks(self) -> list[pl.Callback]:
