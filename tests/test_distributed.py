@@ -4,6 +4,7 @@ tasks, a rank without evaluation tasks still completes; train.py's DDP runs and 
 check; SLURM requeue; atomic checkpoints."""
 from __future__ import annotations
 
+import csv
 import inspect
 import json
 import math
@@ -32,6 +33,7 @@ from lit_meta.checkpoint import AtomicCheckpointIO, atomic_torch_save
 from lit_meta.data.base import EpisodicDataModule
 from lit_meta.data.sine import SineDataModule
 from lit_meta.tasks import TaskBatch, task_spec
+from tests.conftest import REPO, train_py
 
 ALGORITHMS = {
     "maml": (MAML, {"first_order": False}),
@@ -234,9 +236,75 @@ def test_evaluation_tasks_are_the_same_whatever_the_number_of_ranks():
         assert torch.equal(torch.cat([b.support_x for b in batches]), one), world
 
 
+SINE = REPO / "configs" / "sine" / "maml.yaml"
+DDP = REPO / "configs" / "trainer" / "ddp.yaml"
+
+
+def _run_results(out: subprocess.CompletedProcess) -> dict:
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("results: "), out.stdout[-2000:]
+    return json.loads(Path(last.removeprefix("results: ")).read_text())
+
+
+def test_issue_sine_ddp_command_runs_on_two_cpu_processes(tmp_path):
+    """The command of issue 16 (2 ranks, 100 validation tasks in one chunk of 100, 600 test tasks),
+    shortened to 20 meta-steps: it used to die at the start of fit with an empty loader on rank 1."""
+    out = train_py("fit", "--config", SINE, "--config", DDP, "--trainer.accelerator", "cpu", "--trainer.devices", 2,
+                   "--model.init_args.meta_batch_size", 24, "--trainer.max_steps", 20, "--data.steps_per_epoch", 10,
+                   cwd=tmp_path)
+    results = _run_results(out)
+    assert results["metrics"]["test/tasks"] == 600 and results["train/steps"] == 20
+    rows = list(csv.DictReader((Path(results["last_checkpoint"]).parent.parent / "metrics.csv").open()))
+    assert [float(r["val/tasks"]) for r in rows if r.get("val/tasks")] == [100.0, 100.0]
+
+
+@pytest.mark.slow
+def test_two_process_fit_of_an_omniglot_config_through_train_py(tmp_path):
+    """configs/omniglot/maml_5w1s.yaml with configs/trainer/ddp.yaml on 2 CPU processes, on a
+    miniature Omniglot: 5 validation and 3 test tasks in one chunk each (each rank draws the chunk
+    and keeps its part), 2 meta-steps."""
+    from tests.image_data_fixtures import omniglot_arrays, write_omniglot_npz
+
+    root = write_omniglot_npz(tmp_path / "omniglot", omniglot_arrays(background=200, evaluation=130, drawers=20))
+    out = train_py("fit", "--config", REPO / "configs" / "omniglot" / "maml_5w1s.yaml", "--config", DDP,
+                   "--trainer.accelerator", "cpu", "--trainer.devices", 2, "--data.root", root,
+                   "--data.cache_dir", tmp_path / "cache", "--model.init_args.meta_batch_size", 4,
+                   "--trainer.max_steps", 2, "--data.steps_per_epoch", 2, "--data.val_tasks", 5,
+                   "--data.test_tasks", 3, "--trainer.default_root_dir", tmp_path / "run", cwd=tmp_path)
+    results = _run_results(out)
+    assert results["dataset"] == "omniglot" and results["train/steps"] == 2
+    assert results["metrics"]["test/tasks"] == 3 and results["metrics"]["test/acc"] > 0
+    assert Path(results["best_checkpoint"]).name == "best-2.ckpt"  # validation ran, over both ranks
+
+
+def test_meta_batch_not_divisible_by_the_processes_stops_before_training(tmp_path):
+    # sine's meta-batch of 25 tasks cannot be shared by 2 processes
+    out = train_py("fit", "--config", SINE, "--config", DDP, "--trainer.accelerator", "cpu", "--trainer.devices", 2,
+                   cwd=tmp_path, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "error: model.meta_batch_size=25 is not divisible by the 2 processes (trainer.devices x trainer.num_nodes)")
+    assert "Traceback" not in out.stderr and "[rank" not in out.stderr  # no rank was started
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+class _FirstStep(pl.Callback):
+    """Records the global step training starts from."""
+
+    def __init__(self, starts: list[int]) -> None:
+        self.starts = starts
+
+    def on_train_start(self, trainer, *args) -> None:
+        self.starts.append(trainer.global_step)
+
+
 def test_simulated_slurm_requeue_resumes_to_the_uninterrupted_result(run_cli, capsys, monkeypatch, tmp_path):
+    """SIGUSR1 at step 12: Lightning writes hpc_ckpt into default_root_dir and asks SLURM to requeue
+    the job; the job dies; the requeued job resumes from hpc_ckpt by itself. The
+    requeued job is seeded differently (seed_everything 1): had it restarted from step 0 instead,
+    its weights would differ; and it must start at step 12."""
     from tests.conftest import sine_config
-    import json
 
     common = {"test_after_fit": "false", "trainer.max_steps": 30, "trainer.default_root_dir": tmp_path / "root"}
     run_cli("fit", *sine_config(**common, **{"trainer.logger.init_args.name": "straight"}))
@@ -246,7 +314,11 @@ def test_simulated_slurm_requeue_resumes_to_the_uninterrupted_result(run_cli, ca
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_JOB_NAME", "lit_meta")
     monkeypatch.setenv("SLURM_NODELIST", "localhost")
-    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here: the requeue call fails, as on a laptop
+    # a stand-in scontrol that records how Lightning asks SLURM to requeue the job
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.calls"}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
 
     class Preempted(Exception):
         pass
@@ -260,10 +332,12 @@ def test_simulated_slurm_requeue_resumes_to_the_uninterrupted_result(run_cli, ca
     import lit_meta.cli as cli
 
     original = cli.MetaCLI.before_fit
+    starts: list[int] = []
 
     def with_preemption(self):
         if not list(Path(tmp_path / "root").glob("hpc_ckpt_*.ckpt")):
             self.trainer.callbacks.append(Preempt())
+        self.trainer.callbacks.append(_FirstStep(starts))
         original(self)
 
     monkeypatch.setattr(cli.MetaCLI, "before_fit", with_preemption)
@@ -272,14 +346,32 @@ def test_simulated_slurm_requeue_resumes_to_the_uninterrupted_result(run_cli, ca
     hpc = list((tmp_path / "root").glob("hpc_ckpt_*.ckpt"))
     assert len(hpc) == 1
     assert torch.load(hpc[0], weights_only=False)["global_step"] == 12
+    assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
     capsys.readouterr()
-    run_cli("fit", *sine_config(**common, **{"trainer.logger.init_args.name": "requeued"}))  # the requeued job
+    # the requeued job
+    run_cli("fit", *sine_config(**common, seed_everything=1, **{"trainer.logger.init_args.name": "requeued"}))
     requeued = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("results: ")).read_text())
+    assert starts == [0, 12]  # the requeued job began at the preempted step
     assert "slurm_4242" in requeued["last_checkpoint"]  # same run directory across requeues
+    assert requeued["train/steps"] == 30
     a = torch.load(straight["last_checkpoint"], weights_only=False)["state_dict"]
     b = torch.load(requeued["last_checkpoint"], weights_only=False)["state_dict"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_wandb_run_id_under_slurm_is_the_job_id(tmp_path, monkeypatch):
+    """So that a requeued job (same id) continues the same W&B run; an array task adds its index."""
+    from lit_meta.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("SLURM_JOB_ID", "4300")
+    assert WandbLogger(save_dir=tmp_path, offline=True).version == "4300"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    logger = WandbLogger(save_dir=tmp_path, offline=True)
+    assert logger.version == "4242_3" and logger._wandb_init["resume"] == "allow"
+    assert WandbLogger(save_dir=tmp_path, offline=True, id="mine").version == "mine"
 
 
 def test_atomic_save_keeps_the_previous_checkpoint_when_a_write_dies(tmp_path, monkeypatch):

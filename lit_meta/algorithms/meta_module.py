@@ -121,6 +121,16 @@ class MetaModule(pl.LightningModule):
         if scheduler is not None:
             scheduler.step()
 
+    def stream_epoch(self) -> int:
+        """The epoch of the task stream, ``global_step // steps_per_epoch``: what epoch-based
+        schedules (MAML++'s multi-step loss and first-order epochs) read. Lightning's
+        ``current_epoch`` differs after a resume from a checkpoint written when a fit stopped
+        mid-epoch (max_steps, a stop signal): Lightning counts the cut epoch as complete, so the
+        resumed run would be one epoch ahead of an uninterrupted one."""
+        trainer = self._trainer
+        steps = getattr(getattr(trainer, "datamodule", None), "steps_per_epoch", None)
+        return self.global_step // steps if steps else self.current_epoch
+
     def logging_step(self) -> bool:
         """Whether this training step's values reach a logger or the progress bar.
 
@@ -132,6 +142,12 @@ class MetaModule(pl.LightningModule):
             return False
         if trainer.progress_bar_callback is not None:
             return True
+        # Lightning's own rule on its own batch counter: after a resume from a checkpoint written
+        # at validation end that counter runs one ahead of global_step, and a rule on global_step
+        # would never again pick a step Lightning writes (the logs would lose every training value).
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is not None and hasattr(type(connector), "should_update_logs"):
+            return bool(connector.should_update_logs)
         # called after the meta-optimizer stepped, so global_step counts this step
         return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 or trainer.should_stop
 
