@@ -4,8 +4,9 @@ Each rank adds up, per metric, Σx, Σx² and n over the tasks it evaluated (flo
 the device); at the end of the epoch the sums are all-reduced once, so the mean and the
 CI are over exactly the global task set whatever the world size, and nothing is
 averaged twice. A rank that evaluated no task (fewer tasks than ranks) adds zeros: the
-ranks first exchange which sums they hold, so it still joins the all-reduce. The CI is the normal approximation 1.96·s/√n with the sample standard
-deviation s, as the few-shot papers report it (e.g. Finn et al. 2017, Nichol et al. 2018).
+ranks first exchange which sums they hold, so it still joins the all-reduce. The CI is the
+normal approximation 1.96·s/√n with the sample standard deviation s, as the few-shot
+papers report it (e.g. Finn et al. 2017, Nichol et al. 2018).
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ class MetricSums:
         shapes: dict[str, tuple[int, ...]] = {}
         for key, shape in (entry for rank_held in everyone for entry in rank_held):
             if shapes.setdefault(key, shape) != shape:
-                raise ValueError(f"metric {key!r} has shape {list(shape)} on one rank, {list(shapes[key])} on another")
+                raise RuntimeError(f"metric {key!r} has shape {list(shape)} on one rank, {list(shapes[key])} on another")
         if not shapes:
             return sums
         if device is None:

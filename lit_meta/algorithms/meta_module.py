@@ -17,8 +17,9 @@ meta-trained on optimizee functions). It owns
 
 Subclasses implement ``outer_update`` (one meta-step), ``validation_step`` /
 ``test_step`` (add to ``eval_sums``; a batch of zero tasks, which a DDP rank gets when
-there are fewer evaluation tasks than ranks, adds nothing), ``evaluation_metrics`` and ``monitor``; they may
-override ``begin_evaluation``, ``results_extra``, ``meta_parameters`` and ``algorithm_name``.
+there are fewer evaluation tasks than ranks, adds nothing), ``evaluation_metrics`` and
+``monitor``; they may override ``begin_evaluation``, ``results_extra``,
+``meta_parameters`` and ``algorithm_name``.
 """
 from __future__ import annotations
 
