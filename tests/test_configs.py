@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import REPO
 from tests.image_data_fixtures import mini_arrays, omniglot_arrays, write_mini_pickles, write_omniglot_npz
-from tests.source_fixtures import write_all_sources
+from tests.source_fixtures import tiered_synsets, write_cifar100, write_cub, write_imagenet
 
 IMAGE_DATASETS = ("omniglot", "miniimagenet", "cifar_fs", "fc100", "cub", "tieredimagenet")
 
@@ -38,7 +38,10 @@ def roots(tmp_path_factory) -> dict[str, Path]:
     omniglot = write_omniglot_npz(base / "omniglot", omniglot_arrays(background=200, evaluation=130, drawers=20))
     mini = write_mini_pickles(base / "mini", mini_arrays(classes={"train": 6, "val": 5, "test": 5},
                                                          per_class=20, size=84))
-    sources = write_all_sources(base / "sources")
+    # 6 images of each class: the 5-shot configs draw 5 support + 1 query images per class
+    sources = {"cifar": write_cifar100(base / "sources" / "cifar", train=5, test=1),
+               "cub": write_cub(base / "sources" / "cub", per_class=6),
+               "imagenet": write_imagenet(base / "sources" / "imagenet", tiered_synsets(6))}
     return {"omniglot": omniglot, "miniimagenet": mini, "cache": base / "cache", "cifar_fs": sources["cifar"],
             "fc100": sources["cifar"], "cub": sources["cub"], "tieredimagenet": base / "tiered",
             "imagenet": sources["imagenet"]}
