@@ -27,6 +27,9 @@ from lit_meta.loggers import slurm_run_id
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "sine" / "maml.yaml"
+# The logger's save_dir unless a config or flag sets one: ``<trainer.default_root_dir>/logs``
+# (``logs`` in the working directory without a root dir), filled in by resolve_log_dirs.
+ROOT_LOGS = "<default_root_dir>/logs"
 
 
 class MetaCLI(LightningCLI):
@@ -35,7 +38,7 @@ class MetaCLI(LightningCLI):
         defaults = {
             # Evaluation adapts with gradients: inference_mode would forbid them.
             "inference_mode": False,
-            "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
+            "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": ROOT_LOGS}},
             "max_steps": 1000,
             "num_sanity_val_steps": 0,
             # a kill -9 mid-save must not destroy the last complete checkpoint
@@ -73,13 +76,16 @@ class MetaCLI(LightningCLI):
             raise
 
     def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        # without a subcommand (MetaCLI(run=False)) the trainer's options are at the top
+        trainer = (self.config[subcommand] if subcommand else self.config).trainer
+        resolve_log_dirs(trainer)
         # Under SLURM the run directory is named after the job, so a requeued job (same
         # id) writes to the same directory and W&B run instead of a new version_N.
         job = slurm_run_id()
-        subcommand = self.config.get("subcommand")
-        if job is None or subcommand is None:
+        if job is None:
             return
-        logger = self.config[subcommand].trainer.get("logger")
+        logger = trainer.get("logger")
         for entry in logger if isinstance(logger, list) else [logger]:
             init = getattr(entry, "init_args", None)
             if init is not None and "version" in init and init.get("version") is None:
@@ -88,6 +94,7 @@ class MetaCLI(LightningCLI):
     # ---------------------------------------------------------------- fit / validate / test
     def before_fit(self) -> None:
         self._check_task_spec()
+        check_world_size(self.trainer, self.datamodule)
         self._fit_start = time.perf_counter()
 
     def before_validate(self) -> None:
@@ -145,6 +152,29 @@ class MetaCLI(LightningCLI):
         if callback is None:
             raise ValueError("fit needs checkpointing: do not set trainer.enable_checkpointing=false")
         return callback
+
+
+def resolve_log_dirs(trainer: Any) -> None:
+    """Put the run under ``trainer.default_root_dir`` as Lightning users expect: a logger whose
+    ``save_dir`` no config or flag set (so still :data:`ROOT_LOGS`) writes to
+    ``<default_root_dir>/logs``, and so do the checkpoints and results.json that live in its
+    run directory. Without a root dir that is ``logs`` in the working directory."""
+    root = trainer.get("default_root_dir")
+    logger = trainer.get("logger")
+    for entry in logger if isinstance(logger, list) else [logger]:
+        init = getattr(entry, "init_args", None)
+        if init is not None and init.get("save_dir") == ROOT_LOGS:
+            init["save_dir"] = str(Path(root) / "logs") if root is not None else "logs"
+
+
+def check_world_size(trainer: Any, datamodule: Any) -> None:
+    """One line before any process starts, instead of an error inside every rank at the first
+    step: each of the W processes adapts meta_batch_size / W tasks of the global meta-batch."""
+    world = trainer.world_size
+    tasks = getattr(datamodule, "meta_batch_size", None)
+    if world > 1 and tasks is not None and tasks % world:
+        raise ValueError(f"model.meta_batch_size={tasks} is not divisible by the {world} processes "
+                         f"(trainer.devices x trainer.num_nodes): each process adapts an equal share of the meta-batch")
 
 
 def _finish_wandb() -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,10 +53,25 @@ def run_cli(tmp_path, monkeypatch):
     return run
 
 
-def sine_config(**overrides) -> list[str]:
-    """A few-second sine fit; overrides are ``key=value`` CLI flags."""
+def train_py_env() -> dict[str, str]:
+    """The environment for ``python train.py`` in a subprocess: this checkout first on the path,
+    one thread, and no LIT_META_TRACEBACK (the one-line errors are what is tested)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    env.pop("LIT_META_TRACEBACK", None)
+    return env
+
+
+def train_py(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in a fresh process (DDP's launcher re-runs the command line for
+    rank 1, so a multi-process run cannot be run in-process under pytest)."""
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)], cwd=cwd, env=train_py_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def sine_config(algorithm: str = "maml", **overrides) -> list[str]:
+    """A few-second sine fit of ``configs/sine/<algorithm>.yaml``; overrides are ``key=value`` CLI flags."""
     args = [
-        "--config", str(REPO / "configs" / "sine" / "maml.yaml"),
+        "--config", str(REPO / "configs" / "sine" / f"{algorithm}.yaml"),
         "--trainer.max_steps", "20",
         "--data.steps_per_epoch", "10",
         "--data.val_tasks", "20",

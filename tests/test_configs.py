@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tests.conftest import REPO
 from tests.image_data_fixtures import mini_arrays, omniglot_arrays, write_mini_pickles, write_omniglot_npz
-from tests.source_fixtures import write_all_sources
+from tests.source_fixtures import tiered_synsets, write_cifar100, write_cub, write_imagenet
 
 IMAGE_DATASETS = ("omniglot", "miniimagenet", "cifar_fs", "fc100", "cub", "tieredimagenet")
 
@@ -36,7 +38,10 @@ def roots(tmp_path_factory) -> dict[str, Path]:
     omniglot = write_omniglot_npz(base / "omniglot", omniglot_arrays(background=200, evaluation=130, drawers=20))
     mini = write_mini_pickles(base / "mini", mini_arrays(classes={"train": 6, "val": 5, "test": 5},
                                                          per_class=20, size=84))
-    sources = write_all_sources(base / "sources")
+    # 6 images of each class: the 5-shot configs draw 5 support + 1 query images per class
+    sources = {"cifar": write_cifar100(base / "sources" / "cifar", train=5, test=1),
+               "cub": write_cub(base / "sources" / "cub", per_class=6),
+               "imagenet": write_imagenet(base / "sources" / "imagenet", tiered_synsets(6))}
     return {"omniglot": omniglot, "miniimagenet": mini, "cache": base / "cache", "cifar_fs": sources["cifar"],
             "fc100": sources["cifar"], "cub": sources["cub"], "tieredimagenet": base / "tiered",
             "imagenet": sources["imagenet"]}
@@ -92,3 +97,122 @@ def test_data_part_composes_with_an_algorithm_config(part, roots, tmp_path, monk
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.outer_update(dm.train_batch(0))
     assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+ALL_CONFIGS = [p.relative_to(REPO / "configs").as_posix() for p in sorted((REPO / "configs").rglob("*.yaml"))
+               if p.parent.name not in ("logger", "trainer") and p.name != "data.yaml"]
+GENERATED = ("sine", "learning_to_learn")  # data drawn in memory: cheap enough to draw every task
+
+
+def as_rank(dm, rank: int, world: int) -> None:
+    """Make ``dm`` see what DDP rank ``rank`` of ``world`` sees of its Trainer (all its loaders read)."""
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, global_step=0,
+                                 strategy=SimpleNamespace(root_device=torch.device("cpu")))
+
+
+def _tasks_of(batches) -> torch.Tensor:
+    return torch.cat([b.support_x.reshape(b.num_tasks, -1) for b in batches])
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS)
+def test_every_rank_of_2_and_3_gets_work_and_evaluation_covers_each_task_once(config, tmp_path, monkeypatch):
+    """Every shipped config under 2 and 3 simulated DDP ranks. Image configs: built with their data
+    setup skipped (no source is read), so the loaders' lengths and the evaluation chunk arithmetic
+    are checked; sine and learning_to_learn: every training share and evaluation task is drawn and
+    compared with what one process draws."""
+    from lit_meta.cli import MetaCLI, check_world_size
+
+    monkeypatch.chdir(tmp_path)
+    dataset = config.split("/")[0]
+    data = [] if dataset in GENERATED else ["--data.root", str(tmp_path / "not_read")]
+    cli = MetaCLI(args=["--config", str(REPO / "configs" / config), *data,
+                        "--trainer.default_root_dir", str(tmp_path / "root")], run=False)
+    assert Path(cli.trainer.logger.save_dir) == tmp_path / "root" / "logs"  # the config pins no log folder
+    dm = cli.datamodule
+    generated = dataset in GENERATED
+    single = {split: _tasks_of([dm.eval_batch(split, c) for c in range(len(dm.eval_chunks(split)))])
+              for split in ("val", "test")} if generated else {}
+    for world in (2, 3):
+        divisible = dm.meta_batch_size % world == 0
+        if not divisible:  # refused before any process starts (tests/test_distributed.py runs it through train.py)
+            with pytest.raises(ValueError, match=f"meta_batch_size={dm.meta_batch_size} is not divisible by the {world}"):
+                check_world_size(SimpleNamespace(world_size=world), dm)
+        for split in ("val", "test"):
+            sizes = dm.eval_chunks(split)
+            assert sum(sizes) == (dm.val_tasks if split == "val" else dm.test_tasks)
+            seen: Counter = Counter()
+            drawn = []
+            for rank in range(world):
+                as_rank(dm, rank, world)
+                pieces = dm.eval_pieces(split, rank, world)
+                assert pieces, f"{config}: rank {rank} of {world} has no {split} task"
+                loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
+                assert len(loader) == len(pieces)
+                for chunk, start, stop in pieces:
+                    assert 0 <= start < stop <= sizes[chunk]
+                    seen.update((chunk, i) for i in range(start, stop))
+                if generated:
+                    drawn += list(loader)
+            assert seen == Counter({(c, i): 1 for c, n in enumerate(sizes) for i in range(n)}), (config, split, world)
+            if generated:
+                assert torch.equal(_tasks_of(drawn), single[split])
+        for rank in range(world):
+            as_rank(dm, rank, world)
+            assert len(dm.train_dataloader()) == dm.steps_per_epoch >= 1
+            if generated and divisible:
+                share = next(iter(dm.train_dataloader()))
+                dm.trainer = None
+                whole = dm.train_batch(0)
+                size = dm.meta_batch_size // world
+                assert share.num_tasks == size >= 1
+                assert torch.equal(share.support_x, whole.support_x[rank * size:(rank + 1) * size])
+
+
+def test_ddp_part_instantiates_a_ddp_trainer_on_cpu(tmp_path, monkeypatch):
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from lit_meta.cli import MetaCLI
+
+    monkeypatch.chdir(tmp_path)
+    cli = MetaCLI(args=["--config", str(REPO / "configs" / "sine" / "maml.yaml"),
+                        "--config", str(REPO / "configs" / "trainer" / "ddp.yaml"),
+                        "--trainer.accelerator", "cpu", "--trainer.devices", "2"], run=False)
+    strategy = cli.trainer.strategy
+    assert type(strategy) is DDPStrategy and strategy._ddp_kwargs["find_unused_parameters"] is False
+    assert cli.trainer.world_size == 2 and cli.trainer.num_devices == 2
+    assert type(strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"  # the CLI's default plugin kept
+
+
+def test_slurm_part_instantiates_a_requeueing_multi_node_trainer_in_a_slurm_job(tmp_path, monkeypatch):
+    """configs/trainer/slurm.yaml as rank 5 of a 2 nodes x 4 tasks job (CPU devices stand in for
+    the GPUs), and scripts/slurm_example.sh asks SLURM for the same layout and the SIGUSR1."""
+    import re
+
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from lit_meta.cli import MetaCLI
+
+    monkeypatch.chdir(tmp_path)
+    for key, value in {"SLURM_JOB_ID": "777", "SLURM_JOB_NAME": "lit_meta_maml", "SLURM_NTASKS": "8",
+                       "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "2", "SLURM_NODELIST": "node[1-2]",
+                       "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}.items():
+        monkeypatch.setenv(key, value)
+    cli = MetaCLI(args=["--config", str(REPO / "configs" / "omniglot" / "maml_5w1s.yaml"),
+                        "--config", str(REPO / "configs" / "trainer" / "slurm.yaml"),
+                        "--trainer.accelerator", "cpu", "--data.root", str(tmp_path / "not_read")], run=False)
+    trainer = cli.trainer
+    assert type(trainer.strategy) is DDPStrategy
+    environment = trainer.strategy.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+    assert (trainer.num_nodes, trainer.num_devices, trainer.world_size) == (2, 4, 8)
+    assert (trainer.global_rank, trainer.local_rank, trainer.node_rank) == (5, 1, 1)
+    assert type(trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
+    assert trainer.logger.version == "slurm_777"  # a requeued job writes to the same run directory
+    assert cli.datamodule.meta_batch_size % trainer.world_size == 0
+
+    script = (REPO / "scripts" / "slurm_example.sh").read_text()
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", script, re.M))
+    assert (sbatch["nodes"], sbatch["ntasks-per-node"], sbatch["signal"]) == ("2", "4", "SIGUSR1@90")
+    assert "--trainer.num_nodes 2 --trainer.devices 4" in script and "configs/trainer/slurm.yaml" in script
+    assert "--requeue" in script

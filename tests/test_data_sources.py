@@ -342,11 +342,13 @@ def test_tieredimagenet_has_every_image_of_the_shipped_synsets(sources, tmp_path
 
 
 def test_tieredimagenet_pool_is_memory_mapped(sources, tmp_path):
-    """The pool is a view of the cache file's mapping (not a copy in memory); episodes gather from it."""
-    dm = tiered_dm(sources, tmp_path, labels="category", ways=5, shots=2, queries=1)
+    """The pool is a view of the cache file's mapping (not a copy in memory); episodes gather from it.
+    The cache goes to a --data.cache_dir that does not exist yet."""
+    cache = tmp_path / "not" / "yet"
+    dm = tiered_dm(sources, tmp_path, labels="category", ways=5, shots=2, queries=1, cache_dir=str(cache))
     dm.setup()
     images = dm.pools["train"].images
-    array = tmp_path / "tieredimagenet_16px.u8"
+    array = cache / "tieredimagenet_16px.u8"
     assert array.stat().st_size == int(dm.load()["counts"].sum()) * 3 * 16 * 16
     address = images.data_ptr()
     with open("/proc/self/maps") as maps:

@@ -202,6 +202,8 @@ class MetaLearner(MetaModule):
 
     def evaluate_batch(self, batch: TaskBatch) -> None:
         """Adapt each task for ``eval_inner_steps`` and add its query loss/accuracy before and after."""
+        if not batch.num_tasks:  # a DDP rank with no evaluation task: nothing to add
+            return
         with torch.enable_grad():
             out = self.run_tasks(batch, self.eval_inner_steps, first_order=True, training=False)
         values = {"loss_after": out["final_query_loss"], "loss_before": out["before_loss"]}

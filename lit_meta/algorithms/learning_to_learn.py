@@ -231,6 +231,8 @@ class LearningToLearn(MetaModule):
 
     def evaluate_rules(self, rules: dict[str, UpdateRule], batch: OptimizeeBatch) -> None:
         """Add each rule's loss curves on ``batch`` to ``eval_sums``."""
+        if not batch.num_tasks:  # a DDP rank with no evaluation function: nothing to add
+            return
         for name, rule in rules.items():
             curves = self.loss_curves(batch, rule).double()
             final = curves[:, -1]

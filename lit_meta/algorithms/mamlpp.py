@@ -75,13 +75,14 @@ class MAMLpp(MetaLearner):
     def first_order_at(self, training: bool) -> bool:
         if not training:
             return True
-        return self.first_order or self.current_epoch < self.first_order_epochs
+        return self.first_order or self.stream_epoch() < self.first_order_epochs
 
     # -- MSL
     def msl_weights(self) -> Tensor | None:
-        if not self.msl or self.current_epoch >= self.msl_epochs or self.inner_steps < 1:
+        epoch = self.stream_epoch()
+        if not self.msl or epoch >= self.msl_epochs or self.inner_steps < 1:
             return None
-        return msl_importance(self.inner_steps, self.current_epoch, self.msl_epochs)
+        return msl_importance(self.inner_steps, epoch, self.msl_epochs)
 
     def trace_inner(self, training: bool) -> bool:
         return training and (self.msl_weights() is not None or self.bnrs)

@@ -16,8 +16,10 @@ meta-trained on optimizee functions). It owns
   a checkpoint's tensors do not fit the model.
 
 Subclasses implement ``outer_update`` (one meta-step), ``validation_step`` /
-``test_step`` (add to ``eval_sums``), ``evaluation_metrics`` and ``monitor``; they may
-override ``begin_evaluation``, ``results_extra``, ``meta_parameters`` and ``algorithm_name``.
+``test_step`` (add to ``eval_sums``; a batch of zero tasks, which a DDP rank gets when
+there are fewer evaluation tasks than ranks, adds nothing), ``evaluation_metrics`` and
+``monitor``; they may override ``begin_evaluation``, ``results_extra``,
+``meta_parameters`` and ``algorithm_name``.
 """
 from __future__ import annotations
 
@@ -120,6 +122,16 @@ class MetaModule(pl.LightningModule):
         if scheduler is not None:
             scheduler.step()
 
+    def stream_epoch(self) -> int:
+        """The epoch of the task stream, ``global_step // steps_per_epoch``: what epoch-based
+        schedules (MAML++'s multi-step loss and first-order epochs) read. Lightning's
+        ``current_epoch`` differs after a resume from a checkpoint written when a fit stopped
+        mid-epoch (max_steps, a stop signal): Lightning counts the cut epoch as complete, so the
+        resumed run would be one epoch ahead of an uninterrupted one."""
+        trainer = self._trainer
+        steps = getattr(getattr(trainer, "datamodule", None), "steps_per_epoch", None)
+        return self.global_step // steps if steps else self.current_epoch
+
     def logging_step(self) -> bool:
         """Whether this training step's values reach a logger or the progress bar.
 
@@ -131,6 +143,12 @@ class MetaModule(pl.LightningModule):
             return False
         if trainer.progress_bar_callback is not None:
             return True
+        # Lightning's own rule on its own batch counter: after a resume from a checkpoint written
+        # at validation end that counter runs one ahead of global_step, and a rule on global_step
+        # would never again pick a step Lightning writes (the logs would lose every training value).
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is not None and hasattr(type(connector), "should_update_logs"):
+            return bool(connector.should_update_logs)
         # called after the meta-optimizer stepped, so global_step counts this step
         return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 or trainer.should_stop
 
@@ -154,10 +172,10 @@ class MetaModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         # reduced over ranks by eval_sums, so no sync_dist
-        self.log_dict(self.evaluation_metrics("val", self.eval_sums.reduce()), rank_zero_only=False)
+        self.log_dict(self.evaluation_metrics("val", self.eval_sums.reduce(self.device)), rank_zero_only=False)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.evaluation_metrics("test", self.eval_sums.reduce()), rank_zero_only=False)
+        self.log_dict(self.evaluation_metrics("test", self.eval_sums.reduce(self.device)), rank_zero_only=False)
 
     # ------------------------------------------------------------------ checkpoints
     def configure_callbacks(self) -> list[pl.Callback]:

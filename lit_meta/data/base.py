@@ -10,8 +10,14 @@ always drawn for the *global* ``meta_batch_size``; DDP rank ``r`` of ``W`` keeps
 - ``W`` ranks together adapt exactly the tasks one process would, which is what makes
   the DDP meta-gradient equal the single-process one.
 
-Validation and test tasks are chunk ``c`` of ``derive_seed(seed, split, c)``: the same
-tasks in every run, whatever the world size (chunks are dealt round-robin to ranks).
+Validation and test tasks are fixed: chunk ``c`` (``eval_batch_size`` tasks, the last one
+shorter) is drawn from ``derive_seed(seed, split, c)``, and the split's tasks are the chunks
+end to end, the same in every run whatever the world size. Rank ``r`` of ``W`` evaluates
+the contiguous range ``[r*N//W, (r+1)*N//W)`` of those ``N`` tasks (:meth:`eval_pieces`;
+a chunk that straddles two ranks is drawn by both, each keeping its part), so every rank
+has work whenever ``N >= W``, and the ranks together evaluate every task exactly once. A
+rank left without tasks (``N < W``) gets one empty batch: it evaluates nothing but still
+takes part in the epoch's metric all-reduce (:class:`lit_meta.metrics.MetricSums`).
 
 Constructor arguments: the options every DataModule shares are keyword-only, with their
 defaults, in the base classes here (:class:`EpisodicDataModule`: the task stream;
@@ -141,6 +147,26 @@ class EpisodicDataModule(pl.LightningDataModule):
         generator = torch.Generator().manual_seed(derive_seed(self.seed, split, chunk))
         return self.sample_tasks(split, generator, sizes[chunk])
 
+    def eval_pieces(self, split: str, rank: int = 0, world: int = 1) -> list[tuple[int, int, int]]:
+        """``(chunk, start, stop)``: the tasks ``start:stop`` of each chunk that rank ``rank`` of
+        ``world`` evaluates, in order. The ranks' pieces partition the split's tasks."""
+        sizes = self.eval_chunks(split)
+        total = sum(sizes)
+        low, high = rank * total // world, (rank + 1) * total // world
+        pieces, offset = [], 0
+        for chunk, size in enumerate(sizes):
+            start, stop = max(low, offset), min(high, offset + size)
+            if start < stop:
+                pieces.append((chunk, start - offset, stop - offset))
+            offset += size
+        return pieces
+
+    def eval_piece(self, split: str, chunk: int, start: int, stop: int) -> TaskBatch:
+        """Tasks ``start:stop`` of evaluation chunk ``chunk`` (the whole chunk is drawn: its tasks
+        come from one generator, so a part cannot be drawn alone)."""
+        batch = self.eval_batch(split, chunk)
+        return batch if (start, stop) == (0, batch.num_tasks) else batch.slice(start, stop)
+
     def train_dataloader(self) -> DataLoader:
         if not self.loader_workers:
             return _StepLoader(_TrainStream(self), batch_size=None, num_workers=0)
@@ -237,16 +263,24 @@ class _TrainStream(IterableDataset):
 
 
 class _EvalTasks(IterableDataset):
+    """This rank's evaluation pieces; a rank without tasks yields one empty batch, so that it
+    runs the epoch (and its metric all-reduce) like the others: Lightning rejects a loader
+    of length 0 on one rank, and a rank that skipped the epoch would leave the others
+    waiting in the all-reduce."""
+
     def __init__(self, dm: EpisodicDataModule, split: str) -> None:
         self.dm, self.split = dm, split
 
-    def _my_chunks(self) -> list[int]:
+    def _my_pieces(self) -> list[tuple[int, int, int]]:
         rank, world = self.dm._rank_world()
-        return list(range(rank, len(self.dm.eval_chunks(self.split)), world))
+        return self.dm.eval_pieces(self.split, rank, world)
 
     def __len__(self) -> int:
-        return len(self._my_chunks())
+        return max(len(self._my_pieces()), 1)
 
     def __iter__(self) -> Iterator[TaskBatch]:
-        for chunk in self._my_chunks():
-            yield self.dm.eval_batch(self.split, chunk)
+        pieces = self._my_pieces()
+        if not pieces:
+            yield self.dm.eval_piece(self.split, 0, 0, 0)
+        for piece in pieces:
+            yield self.dm.eval_piece(self.split, *piece)

@@ -217,6 +217,7 @@ def load_tiered(imagenet: str, root: Path, cache_dir: str | None, split_dir: str
     key = fingerprint(resume_key, stamp_digest(stamps).hexdigest())
     root.mkdir(parents=True, exist_ok=True)
     index_path = cache_file(root, cache_dir, f"tieredimagenet_{options['image_size']}px")
+    index_path.parent.mkdir(parents=True, exist_ok=True)  # a --data.cache_dir not made yet
     array_path = index_path.with_suffix(".u8")
     shape = (options["channels"], options["image_size"], options["image_size"])
     data = load_cache(index_path, key)
