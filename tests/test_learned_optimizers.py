@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from lit_meta import LearnedOptimizer
 from lit_meta.algorithms import LearningToLearn, MetaLSTM
-from lit_meta.algorithms.learning_to_learn import LSTMRule, NonFiniteLossError
+from lit_meta.algorithms.learning_to_learn import LSTMRule
 from lit_meta.data import MLPClassification, OptimizeeDataModule, Quadratic
 from lit_meta.models.lstm_optimizers import preprocess
 from lit_meta.tasks import TaskBatch, task_spec
@@ -202,28 +202,43 @@ class _PoisonedQuadratics(OptimizeeDataModule):
 
 
 def test_non_finite_loss_skips_the_step_with_a_counted_warning(tmp_path):
+    """The shared divergence guard (lit_meta.nonfinite): steps 0 and 1 are poisoned, so their
+    meta-steps are undone (the LSTM keeps its weights through them) and counted; the poisoned
+    function restarts its unroll from θ_0, so the later steps are finite and train."""
     dm = _PoisonedQuadratics({0, 1}, meta_batch_size=8, steps_per_epoch=20)
     model = LearningToLearn(dm.task_spec, meta_batch_size=8, unroll=20, truncation=10, max_nonfinite=3)
-    trainer = _trainer(tmp_path, 4)
-    with pytest.warns(UserWarning, match="non-finite optimizee loss in 1 of 8 functions") as record:
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            seen.append({k: v.clone() for k, v in module.state_dict().items()})
+
+    trainer = _trainer(tmp_path, 4, callbacks=[Watch()])
+    with pytest.warns(UserWarning, match=r"2 meta-step\(s\) skipped between steps 0 and 4 \(2 in all"):
         trainer.fit(model, datamodule=dm)
-    assert sum("non-finite" in str(w.message) for w in record) == 2
-    assert trainer.global_step == 4  # the skipped steps are not counted as meta-steps
-    assert trainer.callback_metrics["train/nonfinite_skipped"].item() == 2
-    assert (tmp_path / "checkpoints" / "last_finite.ckpt").is_file()
+    assert trainer.global_step == 4  # skipped steps still count as Trainer steps
+    assert model.meta_step.guard.skipped == 2 and model.divergence is None
+    for k, v in initial.items():  # steps 0 and 1 changed nothing
+        assert torch.equal(seen[1][k], v), k
+    assert any(not torch.equal(seen[3][k], v) for k, v in initial.items())  # steps 2 and 3 trained
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(model._unroll["theta"]).all()  # the poisoned function started again
 
 
 def test_non_finite_loss_stops_after_max_in_a_row_and_keeps_the_last_finite_state(tmp_path):
     dm = _PoisonedQuadratics(None, meta_batch_size=8, steps_per_epoch=20)
     model = LearningToLearn(dm.task_spec, meta_batch_size=8, unroll=20, truncation=10, max_nonfinite=3)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.warns(UserWarning, match="non-finite"), \
-            pytest.raises(NonFiniteLossError, match="3 meta-training steps in a row .*last_finite.ckpt"):
-        _trainer(tmp_path, 10).fit(model, datamodule=dm)
-    kept = torch.load(tmp_path / "checkpoints" / "last_finite.ckpt", weights_only=True)["state_dict"]
+    trainer = _trainer(tmp_path, 10, log_every_n_steps=1)
+    with pytest.warns(UserWarning, match="3 meta-steps in a row from step 0 .*stopped at step 3"):
+        trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 3 and model.divergence["diverged_at_step"] == 0
+    assert "output_scale" in model.divergence["message"]
+    trainer.save_checkpoint(tmp_path / "kept.ckpt")
+    kept = torch.load(tmp_path / "kept.ckpt", weights_only=True)["state_dict"]
     for k, v in initial.items():
-        torch.testing.assert_close(kept[k], v)
+        assert torch.equal(kept[k], v), k
 
 
 # ---------------------------------------------------------------------- configs end to end
