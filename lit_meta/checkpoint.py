@@ -72,13 +72,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
             handle.flush()
             os.fsync(handle.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
-    except OSError as error:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
-        raise WriteError(f"cannot write {path}: {describe_os_error(error, path)}"
+        # torch.save's zip writer turns a failed write into a RuntimeError of its own: the
+        # OSError (e.g. ENOSPC) or the KeyboardInterrupt is then in its context chain
+        interrupt = first_in_chain(error, lambda e: not isinstance(e, Exception))
+        if interrupt is not None and interrupt is not error:
+            raise interrupt from None
+        cause = first_in_chain(error, lambda e: isinstance(e, OSError))
+        if cause is None:
+            raise
+        raise WriteError(f"cannot write {Path(os.path.abspath(path))}: {describe_os_error(cause, path)}"
                          f"{'; the previous file there is unchanged' if path.exists() else ''}") from error
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+
+def first_in_chain(error: BaseException, wanted: Callable[[BaseException], bool]) -> Any:
+    """``error`` or the first exception of its cause/context chain that is ``wanted``, else None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if wanted(error):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def describe_os_error(error: OSError, path: str | os.PathLike | None = None) -> str:

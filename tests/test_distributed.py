@@ -180,18 +180,56 @@ def test_simulated_slurm_requeue_resumes_to_the_uninterrupted_result(run_cli, ca
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
-def test_atomic_save_keeps_the_previous_checkpoint_when_a_write_dies(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", ["write", "fsync", "rename", "interrupt"])
+def test_atomic_save_keeps_the_previous_checkpoint_when_a_write_dies(tmp_path, monkeypatch, failure):
+    """The real writer (torch.save streaming into the temporary file) fails mid-write (a full
+    disk after 4 kB, or Ctrl-C), at the fsync or at the rename: the previous checkpoint still
+    loads, no temporary file is left, and a failed write is one line naming the path."""
+    import errno
+
+    import lit_meta.checkpoint as checkpoint_module
+    from lit_meta.checkpoint import WriteError
+
     path = tmp_path / "last.ckpt"
-    AtomicCheckpointIO().save_checkpoint({"step": 1}, path)
+    AtomicCheckpointIO().save_checkpoint({"step": 1, "weights": torch.randn(10_000)}, path)
+    real_open = open
 
-    def dies_midway(obj, f, *args, **kwargs):
-        f.write(b"PK\x03\x04 half a checkpoint")
-        raise KeyboardInterrupt
+    class FullAfter4k:
+        def __init__(self, handle, error):
+            self.handle, self.error, self.written = handle, error, 0
 
-    monkeypatch.setattr(torch, "save", dies_midway)
-    with pytest.raises(KeyboardInterrupt):
-        AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise self.error
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    if failure in ("write", "interrupt"):
+        error = OSError(errno.ENOSPC, "No space left on device") if failure == "write" else KeyboardInterrupt()
+        monkeypatch.setattr(checkpoint_module, "open", lambda *a, **k: FullAfter4k(real_open(*a, **k), error),
+                            raising=False)
+    else:
+        monkeypatch.setattr(checkpoint_module.os, "fsync" if failure == "fsync" else "replace", fail)
+    expected = KeyboardInterrupt if failure == "interrupt" else WriteError
+    with pytest.raises(expected) as info:
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "weights": torch.randn(10_000)}, path)
     monkeypatch.undo()
+    if expected is WriteError:
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"cannot write {path}: ")
+        assert ("No space left" if failure == "write" else "Input/output error") in message
     assert torch.load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left
 
