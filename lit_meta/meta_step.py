@@ -138,7 +138,11 @@ class MetaStep:
         if task_grads is not None:
             named = dict(module.named_parameters())
             for name, per_task in task_grads.items():
-                g = torch.einsum("t,t...->...", weights.to(per_task.dtype), per_task.detach())
+                # at least fp32 and outside autocast: under 16-mixed an autocast einsum would round
+                # the written gradient to fp16 (and flush its small entries) before it is scaled
+                dtype = torch.promote_types(per_task.dtype, torch.float32)
+                with torch.autocast(per_task.device.type, enabled=False):
+                    g = torch.einsum("t,t...->...", weights.to(dtype), per_task.detach().to(dtype))
                 self.guard.note(g)
                 if scaler is not None:
                     # the scaler's step unscales every .grad, so written ones must be scaled too
