@@ -37,11 +37,6 @@ if TYPE_CHECKING:
 COUNTERS = ("total", "in_row", "run_start", "tripped", "tripped_at", "tripped_start")
 
 
-def all_finite(tensors: list[Tensor]) -> Tensor:
-    """A device bool: every element of every tensor is finite."""
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-
-
 class NonFiniteGuard:
     def __init__(self, max_nonfinite: int = 10) -> None:
         if max_nonfinite < 1:
@@ -67,11 +62,14 @@ class NonFiniteGuard:
         inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper holds the torch optimizer
         params = [p for group in inner.param_groups for p in group["params"]]
         with torch.no_grad():
-            saved = [p.detach().clone() for p in params]
-            state = {p: {k: v.clone() for k, v in inner.state[p].items() if _per_coordinate(v, p)}
-                     for p in params if p in inner.state}
+            # what the step may change: the weights and their per-coordinate optimizer state
+            # (state a first step creates is restored to zero, where its optimizer starts it)
+            before = {id(p): set(inner.state[p]) if p in inner.state else set() for p in params}
+            tensors = params + [v for p in params for v in _moving_state(inner, p)]
+            saved = torch._foreach_mul(tensors, 1.0)  # one fused copy
             optimizer.step()
-            ok = all_finite(params)
+            norms = torch._foreach_norm(params, float("inf"))  # max |x|: NaN or inf where not finite
+            ok = torch.isfinite(torch.stack(norms)).all()
             if self._ok is not None:
                 ok = ok & self._ok
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -79,14 +77,12 @@ class NonFiniteGuard:
                 flag = ok.to(torch.int32)
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
                 ok = flag.bool()
-            for p, old in zip(params, saved):
-                p.copy_(torch.where(ok, p, old))
+            for tensor, old in zip(tensors, saved):
+                torch.where(ok, tensor, old, out=tensor)
             for p in params:
                 for key, value in inner.state[p].items() if p in inner.state else ():
-                    if _per_coordinate(value, p):
-                        # state created by this step (the first one) starts from zero, as its optimizer does
-                        old = state.get(p, {}).get(key)
-                        value.copy_(torch.where(ok, value, old if old is not None else torch.zeros_like(value)))
+                    if key not in before[id(p)] and _per_coordinate(value, p):  # created by this step
+                        torch.where(ok, value, torch.zeros_like(value), out=value)
         self._count(ok, step)
         self._ok = None
         return ok
@@ -157,6 +153,11 @@ class NonFiniteGuard:
         if module._trainer is not None:
             module.trainer.should_stop = True
         return module.divergence
+
+
+def _moving_state(optimizer: torch.optim.Optimizer, param: Tensor) -> list[Tensor]:
+    state = optimizer.state[param] if param in optimizer.state else {}
+    return [v for _, v in sorted(state.items()) if _per_coordinate(v, param)]
 
 
 def _per_coordinate(value: Any, param: Tensor) -> bool:
