@@ -88,8 +88,10 @@ def test_a_first_step_that_is_not_finite_leaves_fresh_optimizer_state():
     model.outer_update(dm.train_batch(0))
     for key, value in initial.items():
         assert torch.equal(snapshot(model)[key], value), key
-    moments = optimizer_state(model.standalone_optimizer())
+    optimizer = model.standalone_optimizer()
+    moments = optimizer_state(optimizer)
     assert len(moments) == 2 * len(initial) and all(not m.any() for m in moments)
+    assert all(int(s["step"]) == 1 for s in optimizer.state.values())  # the step still counts
 
 
 def test_a_finite_step_is_the_optimizers_own_step_bit_for_bit():

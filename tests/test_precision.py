@@ -114,3 +114,24 @@ def test_a_mixed_precision_meta_step_equals_the_fp32_one_to_its_rounding(name, p
     mixed = one_meta_step(cls, kwargs, precision)
     error = ((mixed - reference).norm() / reference.norm()).item()
     assert reference.norm() > 0 and error <= PRECISION_CASES[(name, precision)], error
+
+
+def test_steps_the_scaler_skips_are_counted_and_are_not_divergence(tmp_path):
+    """A scale of 2^40 overflows fp16 in the backward: GradScaler skips the steps (halving the
+    scale each time), meta/skipped_steps counts them, the weights stay, and the divergence
+    guard (whose meta-loss is finite) counts none."""
+    dm = SineDataModule(meta_batch_size=8)
+    model = MAML(task_spec=dm.task_spec, meta_batch_size=8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0 ** 40))]
+    trainer = pl.Trainer(accelerator="cpu", plugins=plugins, max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+                         limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    assert model.meta_step.skipped_steps == 3 and model.meta_step.guard.skipped == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_plain_16_mixed_on_cpu_is_bf16():
+    trainer = pl.Trainer(accelerator="cpu", precision="16-mixed", logger=False)
+    assert trainer.precision == "bf16-mixed" and getattr(trainer.precision_plugin, "scaler", None) is None
