@@ -44,6 +44,7 @@ class NonFiniteGuard:
         self.max_nonfinite = max_nonfinite
         self._ok: Tensor | None = None  # this step's noted values are finite (device bool)
         self._counters: dict[str, Tensor] | None = None  # device int64 scalars, COUNTERS
+        self._restored: dict[str, int] | None = None  # counters of a checkpoint, until the next step
         self._reported = 0  # skipped steps already warned about
         self._checked_step = 0
 
@@ -88,8 +89,10 @@ class NonFiniteGuard:
         return ok
 
     def _count(self, ok: Tensor, step: int) -> None:
-        if self._counters is None:
-            self._counters = {name: torch.zeros((), dtype=torch.int64, device=ok.device) for name in COUNTERS}
+        if self._counters is None:  # filled on the device (a copy from the host would wait)
+            start = self._restored or {}
+            self._counters = {name: torch.full((), int(start.get(name, 0)), dtype=torch.int64, device=ok.device)
+                              for name in COUNTERS}
         c = self._counters
         bad = (~ok).to(torch.int64)
         here = torch.full((), step, dtype=torch.int64, device=ok.device)  # a fill: no host-to-device copy
@@ -104,14 +107,14 @@ class NonFiniteGuard:
     def skipped_tensor(self, like: Tensor) -> Tensor:
         """The skipped-step count as a float device tensor, for logging without a host read."""
         if self._counters is None:
-            return torch.zeros((), device=like.device)
+            return torch.full((), float(self.read()["total"]), device=like.device)
         return self._counters["total"].float()
 
     # ------------------------------------------------------------------ on the host
     def read(self) -> dict[str, int]:
         """The counters (one host read: call it on logging steps, not every step)."""
         if self._counters is None:
-            return {name: 0 for name in COUNTERS}
+            return {name: int((self._restored or {}).get(name, 0)) for name in COUNTERS}
         values = torch.stack([self._counters[name] for name in COUNTERS]).tolist()
         return dict(zip(COUNTERS, values))
 
@@ -123,9 +126,10 @@ class NonFiniteGuard:
         """The counters, for checkpoints: a resumed run goes on counting."""
         return {**self.read(), "reported": self._reported}
 
-    def load_state_dict(self, state: dict[str, int], device: torch.device | str = "cpu") -> None:
-        self._counters = {name: torch.tensor(int(state.get(name, 0)), dtype=torch.int64, device=device)
-                          for name in COUNTERS}
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Counters from a checkpoint; they move to the device with the next step."""
+        self._restored = {name: int(state.get(name, 0)) for name in COUNTERS}
+        self._counters = None
         self._reported = int(state.get("reported", 0))
 
     def check(self, module: "pl.LightningModule") -> dict[str, Any] | None:

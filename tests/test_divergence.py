@@ -180,6 +180,21 @@ def test_a_run_that_recovers_is_not_reported_as_diverged(run_cli, capsys):
     assert results["train/steps"] == 20 and "diverged_at_step" not in results
 
 
+def test_the_count_goes_into_checkpoints_and_a_resumed_run_goes_on_counting(tmp_path):
+    dm = PoisonedSine([1, 2], meta_batch_size=4)
+    model = MAML(task_spec=dm.task_spec, meta_batch_size=4)
+    trainer = pl.Trainer(max_steps=4, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, inference_mode=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="skipped"):
+        trainer.fit(model, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "four.ckpt")
+    resumed = MAML.load_from_checkpoint(tmp_path / "four.ckpt")
+    assert resumed.meta_step.guard.skipped == 2
+    resumed.outer_update(PoisonedSine([0], meta_batch_size=4).train_batch(0))
+    assert resumed.meta_step.guard.read()["total"] == 3 and resumed.meta_step.guard.read()["in_row"] == 1
+
+
 def test_max_nonfinite_is_checked():
     with pytest.raises(ValueError, match="max_nonfinite must be >= 1, got 0"):
         MAML(task_spec=SineDataModule().task_spec, max_nonfinite=0)

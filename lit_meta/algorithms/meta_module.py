@@ -208,7 +208,7 @@ class MetaModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "nonfinite_guard" in checkpoint:
-            self.meta_step.guard.load_state_dict(checkpoint["nonfinite_guard"], self.device)
+            self.meta_step.guard.load_state_dict(checkpoint["nonfinite_guard"])
         # Lightning's own message for this is a multi-line RuntimeError after partial loading.
         own = self.state_dict()
         for name, value in checkpoint.get("state_dict", {}).items():
