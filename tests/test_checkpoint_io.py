@@ -8,7 +8,6 @@ start; a checkpoint of another kind is one line saying what it holds and what wa
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
@@ -27,7 +26,9 @@ from lit_meta.cli import MetaCLI
 from lit_meta.data import OmniglotDataModule
 from lit_meta.data.sine import SineDataModule
 from tests.conftest import REPO, sine_config
+from tests.faults import fail_atomic_writes
 from tests.image_data_fixtures import omniglot_arrays, write_omniglot_npz
+from tests.test_adapt import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,47 +89,9 @@ def test_every_checkpoint_of_a_fit_goes_through_the_atomic_writer(run_cli, capsy
 
 
 # ---------------------------------------------------------------------------- a full disk, an unwritable folder
-def full_disk_after(monkeypatch, good_writes: int, only: str | None = None, room: int = 1000) -> list[str]:
-    """Every atomic write after the first ``good_writes`` (of files named ``only``, if given)
-    runs out of space after ``room`` bytes, as a full disk does mid-write."""
-    real_open, names = open, []
-
-    class FullDisk:
-        def __init__(self, handle):
-            self.handle, self.written = handle, 0
-
-        def write(self, data):
-            if self.written + len(data) > room:
-                self.handle.write(bytes(data)[: room - self.written])
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self.written += len(data)
-            return self.handle.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.handle, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.handle.__exit__(*exc)
-
-    def opener(path, mode="r", *args, **kwargs):
-        handle = real_open(path, mode, *args, **kwargs)
-        target = checkpoint_module.TEMPORARY.match(Path(path).name)
-        if "x" in mode and target and (only is None or target["name"] == only):
-            names.append(target["name"])
-            if len(names) > good_writes:
-                return FullDisk(handle)
-        return handle
-
-    monkeypatch.setattr(checkpoint_module, "open", opener, raising=False)
-    return names
-
-
 def test_a_full_disk_while_checkpointing_is_one_line_and_the_previous_checkpoint_survives(
         run_cli, capsys, monkeypatch, tmp_path):
-    names = full_disk_after(monkeypatch, good_writes=2)  # validation at step 10: best-10.ckpt, last.ckpt
+    names = fail_atomic_writes(monkeypatch, good_writes=2)  # validation at step 10: best-10.ckpt, last.ckpt
     last = cli_error(run_cli, capsys, "fit", *sine_config(**{"trainer.logger.init_args.version": "run"}))
     folder = tmp_path / "logs" / "sine_maml" / "run" / "checkpoints"
     assert len(names) == 3 and f"cannot write {folder / names[2]}: No space left on device" in last, last
@@ -140,7 +103,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_previous_checkpoint
 
 
 def test_a_full_disk_while_writing_results_json_is_one_line(run_cli, capsys, monkeypatch, tmp_path):
-    full_disk_after(monkeypatch, good_writes=0, only="results.json", room=100)
+    fail_atomic_writes(monkeypatch, only="results.json", room=100)
     last = cli_error(run_cli, capsys, "fit", *sine_config(**{"trainer.logger.init_args.version": "run"}))
     run = tmp_path / "logs" / "sine_maml" / "run"
     assert f"cannot write {run / 'results.json'}: No space left on device" in last, last
@@ -198,20 +161,11 @@ def test_the_next_fit_removes_the_orphans_of_a_killed_one_at_its_start(run_cli, 
 
 
 # ---------------------------------------------------------------------------- checkpoints of another kind
-def lightning_checkpoint(model: pl.LightningModule, path: Path) -> Path:
-    """What train.py fit writes, as far as reading it goes (hparams with the model's class)."""
-    hparams = {**dict(model.hparams), "_class_path": f"{type(model).__module__}.{type(model).__name__}",
-               "_instantiator": "pytorch_lightning.cli.instantiate_module"}
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams,
-                "pytorch-lightning_version": pl.__version__}, path)
-    return path
-
-
 @pytest.mark.parametrize("subcommand", ["fit", "test"])
 def test_a_checkpoint_of_another_algorithm_is_one_line(run_cli, capsys, tmp_path, subcommand):
-    ckpt = lightning_checkpoint(Reptile(task_spec=SineDataModule().task_spec), tmp_path / "reptile.ckpt")
+    ckpt = save_checkpoint(Reptile(task_spec=SineDataModule().task_spec), tmp_path / "reptile.ckpt")
     last = cli_error(run_cli, capsys, subcommand, *sine_config(ckpt_path=ckpt))
-    assert f"checkpoint {ckpt} holds a Reptile model (lit_meta.algorithms.reptile.Reptile)" in last
+    assert f"checkpoint {ckpt} holds a Reptile model (lit_meta.algorithms.Reptile)" in last
     assert "the config names lit_meta.algorithms.MAML" in last
 
 
@@ -227,7 +181,7 @@ def test_a_plain_state_dict_is_one_line(run_cli, capsys, tmp_path, subcommand):
 def test_a_checkpoint_of_another_task_shape_is_one_line(run_cli, capsys, tmp_path):
     root = write_omniglot_npz(tmp_path / "omniglot", omniglot_arrays())
     five_way = OmniglotDataModule(root=str(root), ways=5, image_size=28).task_spec
-    ckpt = lightning_checkpoint(MAML(task_spec=five_way, backbone_kwargs={"filters": 4}), tmp_path / "5way.ckpt")
+    ckpt = save_checkpoint(MAML(task_spec=five_way, backbone_kwargs={"filters": 4}), tmp_path / "5way.ckpt")
     last = cli_error(run_cli, capsys, "test", "--config", str(REPO / "configs" / "omniglot" / "maml_5w1s.yaml"),
                      "--data.root", str(root), "--data.ways", "3", "--ckpt_path", str(ckpt))
     assert f"checkpoint {ckpt} was trained with ways=5 but the data gives 3: set data.ways to match" in last

@@ -206,37 +206,16 @@ def test_atomic_save_keeps_the_previous_checkpoint_when_a_write_dies(tmp_path, m
 
     import lit_meta.checkpoint as checkpoint_module
     from lit_meta.checkpoint import WriteError
+    from tests.faults import fail_atomic_writes
 
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"step": 1, "weights": torch.randn(10_000)}, path)
-    real_open = open
-
-    class FullAfter4k:
-        def __init__(self, handle, error):
-            self.handle, self.error, self.written = handle, error, 0
-
-        def write(self, data):
-            self.written += len(data)
-            if self.written > 4096:
-                raise self.error
-            return self.handle.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.handle, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.handle.__exit__(*exc)
 
     def fail(*args, **kwargs):
         raise OSError(errno.EIO, "Input/output error")
 
     if failure in ("write", "interrupt"):
-        error = OSError(errno.ENOSPC, "No space left on device") if failure == "write" else KeyboardInterrupt()
-        monkeypatch.setattr(checkpoint_module, "open", lambda *a, **k: FullAfter4k(real_open(*a, **k), error),
-                            raising=False)
+        fail_atomic_writes(monkeypatch, room=4096, error=KeyboardInterrupt() if failure == "interrupt" else None)
     else:
         monkeypatch.setattr(checkpoint_module.os, "fsync" if failure == "fsync" else "replace", fail)
     expected = KeyboardInterrupt if failure == "interrupt" else WriteError
