@@ -10,6 +10,8 @@ rounding. Each line gives the values and whether the test's check (its ``check_*
 
     PYTHONPATH=. python -m tests.learning_margins [--seeds 0 1 2 3 4] [--threads 1 2] [--only NAME ...]
 
+(``--only`` also takes the two slow tests on the real Omniglot pack, which the default leaves out.)
+
 The figures are in docs/RESULTS.md ("Margins of the learning tests").
 """
 from __future__ import annotations
@@ -77,6 +79,24 @@ def blobs_adaptation(seed: int) -> tuple[dict[str, Any], Callable[[Any], None]]:
     return t.measure_blobs(seed), t.check_blobs
 
 
+def real_omniglot_fomaml(seed: int) -> tuple[dict[str, Any], Callable[[Any], None]]:
+    from tests import test_data_images as t
+
+    with tempfile.TemporaryDirectory() as folder:
+        return t.measure_real_fomaml(t.real_omniglot(seed), Path(folder), seed), t.check_real_fomaml
+
+
+def real_omniglot_meta_lstm(seed: int) -> tuple[dict[str, Any], Callable[[Any], None]]:
+    from tests import test_learned_optimizers as t
+
+    with tempfile.TemporaryDirectory() as folder:
+        return t.measure_meta_lstm_real(Path(folder), seed), t.check_meta_lstm_real
+
+
+SLOW = {  # tests marked slow, on the real Omniglot pack: run them with --only
+    "test_data_images::real_omniglot_fomaml": real_omniglot_fomaml,
+    "test_learned_optimizers::meta_lstm_real_omniglot": real_omniglot_meta_lstm,
+}
 MEASUREMENTS: dict[str, Callable[[int], tuple[dict[str, Any], Callable[[Any], None]]]] = {
     "test_adapt::trained_beats_random": adapt_trained_vs_random,
     "test_adapt::other_ways": adapt_other_ways,
@@ -91,7 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--only", nargs="+", default=list(MEASUREMENTS), choices=list(MEASUREMENTS))
+    parser.add_argument("--only", nargs="+", default=list(MEASUREMENTS), choices=list(MEASUREMENTS) + list(SLOW),
+                        help="measurements to run (default: those of the default test tier)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     failures = 0
@@ -100,7 +121,7 @@ def main() -> None:
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 start = time.perf_counter()
-                values, check = MEASUREMENTS[name](seed)
+                values, check = {**MEASUREMENTS, **SLOW}[name](seed)
                 try:
                     check(values)
                     holds = True

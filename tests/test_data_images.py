@@ -539,28 +539,41 @@ real = pytest.mark.skipif(not (REAL_OMNIGLOT / "images_background.npz").is_file(
 @real
 @pytest.mark.slow
 def test_real_omniglot_pack_and_a_short_fomaml_run(tmp_path):
-    import pytorch_lightning as pl
-
-    from lit_meta.algorithms import MAML
-
-    dm = OmniglotDataModule(root=str(REAL_OMNIGLOT), ways=5, shots=1, queries=5, eval_queries=15,
-                            meta_batch_size=16, val_tasks=16, test_tasks=200, eval_batch_size=50,
-                            steps_per_epoch=100)
+    dm = real_omniglot()
     data = dm.load_all()
     assert len(data["counts"]) == 1623 and data["background"] == 964
     assert bool((data["counts"] == 20).all())
     dm.setup()
     assert [len(dm.pools[s].counts) for s in ("train", "val", "test")] == [1100, 100, 423]
     assert 0.02 < data["images"][:1000].float().mean() / 255 < 0.3  # ink = 1 is the minority
-    pl.seed_everything(0)
+    check_real_fomaml(measure_real_fomaml(dm, tmp_path))
+
+
+def real_omniglot(seed: int = 0) -> OmniglotDataModule:
+    return OmniglotDataModule(root=str(REAL_OMNIGLOT), ways=5, shots=1, queries=5, eval_queries=15,
+                              meta_batch_size=16, val_tasks=16, test_tasks=200, eval_batch_size=50,
+                              steps_per_epoch=100, seed=seed)
+
+
+def measure_real_fomaml(dm: OmniglotDataModule, folder: Path, seed: int = 0) -> dict[str, float]:
+    """Test accuracy (200 tasks, 5-way 1-shot) of 200 FOMAML meta-steps on the real pack."""
+    import pytorch_lightning as pl
+
+    from lit_meta.algorithms import MAML
+
+    pl.seed_everything(seed)
     model = MAML(dm.task_spec, inner_lr=0.4, inner_steps=1, eval_inner_steps=3, first_order=True,
                  meta_batch_size=16, meta_lr=0.003)
     trainer = pl.Trainer(max_steps=200, inference_mode=False, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, default_root_dir=str(tmp_path))
+                         limit_val_batches=0, default_root_dir=str(folder))
     trainer.fit(model, datamodule=dm)
-    accuracy = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
-    assert accuracy > 0.6, accuracy  # chance is 0.2
+    return trainer.test(model, datamodule=dm, verbose=False)[0]
+
+
+def check_real_fomaml(m: dict[str, float]) -> None:
+    # chance is 0.2. Measured at seeds 0-2 (tests/learning_margins.py, docs/RESULTS.md): see there.
+    assert m["test/acc"] > 0.6, m
 
 
 # ---------------------------------------------------------------------------- device placement

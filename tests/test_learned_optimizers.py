@@ -328,16 +328,15 @@ def test_meta_lstm_configs_follow_the_paper(name):
         assert data["queries"] == 15 and data["test_tasks"] == 600 and config["trainer"]["max_steps"] == 60000
 
 
-@pytest.mark.slow
-def test_meta_lstm_learns_real_omniglot(tmp_path):
-    """150 meta-steps of the CPU config's learner on the real Omniglot pack: far above chance (20%)."""
+def measure_meta_lstm_real(folder: Path, seed: int = 0) -> dict[str, float]:
+    """Validation accuracy (50 tasks, 5-way 1-shot) after 150 meta-steps of the CPU config's
+    learner on the real Omniglot pack."""
     from lit_meta.data import OmniglotDataModule
     from tests.conftest import OMNIGLOT
 
-    if not (OMNIGLOT / "images_background.npz").is_file():
-        pytest.skip(f"real Omniglot not found at {OMNIGLOT}")
+    torch.manual_seed(seed)
     dm = OmniglotDataModule(root=str(OMNIGLOT), ways=5, shots=1, queries=5, eval_queries=15, meta_batch_size=8,
-                            val_tasks=50, eval_batch_size=25, cache_dir=str(tmp_path))
+                            val_tasks=50, eval_batch_size=25, cache_dir=str(folder), seed=seed)
     dm.setup("fit")
     model = MetaLSTM(dm.task_spec, backbone="conv4", backbone_kwargs={"filters": 16}, init_lr=0.1,
                      inner_steps=5, meta_batch_size=8)
@@ -345,4 +344,19 @@ def test_meta_lstm_learns_real_omniglot(tmp_path):
         model.outer_update(dm.train_batch(step))
     acc = torch.cat([model.run_tasks(dm.eval_batch("val", c), 5, first_order=True, training=False)["query_acc"]
                      for c in range(2)]).mean().item()
-    assert acc > 0.6, acc
+    return {"val_acc": acc}
+
+
+def check_meta_lstm_real(m: dict[str, float]) -> None:
+    # far above chance (0.2); measured at seeds 0-2: docs/RESULTS.md
+    assert m["val_acc"] > 0.6, m
+
+
+@pytest.mark.slow
+def test_meta_lstm_learns_real_omniglot(tmp_path):
+    """150 meta-steps of the CPU config's learner on the real Omniglot pack: far above chance (20%)."""
+    from tests.conftest import OMNIGLOT
+
+    if not (OMNIGLOT / "images_background.npz").is_file():
+        pytest.skip(f"real Omniglot not found at {OMNIGLOT}")
+    check_meta_lstm_real(measure_meta_lstm_real(tmp_path))
