@@ -9,9 +9,10 @@ their real sizes.
    cheaper to decode than real ones): ``--full`` synthetic JPEGs of 500x375 (about ImageNet's
    and CUB's average size, smooth content so they compress like photos) through the same
    build code, one process, one thread.
-3. Projection: real image count x the full-size per-image time (CIFAR: the miniature's own per-
-   image time, its images being real-size 32x32 pickles), real count x bytes per image, and
-   real count x the miniature's load time per image (the key check stats every source file).
+3. Projection: real image count x the full-size per-image time (CIFAR and Omniglot: the
+   miniature's own per-image time, their images being real-size 32x32 pickles / 105x105 PNGs),
+   real count x bytes per image, and real count x the miniature's load time per image (the key
+   check stats every source file; for Omniglot's official folders, every PNG).
 
     PYTHONPATH=. python benchmarks/cache_build.py [--full 300]   # from the repo root: the
     miniatures are written by the tests' tests/source_fixtures.py
@@ -35,11 +36,14 @@ from lit_meta.data import (
     CIFARFSDataModule,
     CUBDataModule,
     MiniImageNetDataModule,
+    OmniglotDataModule,
     TieredImageNetDataModule,
 )
 from lit_meta.data.image_cache import decode_all
 
-REAL_IMAGES = {"cifar100 (CIFAR-FS, FC100)": 60000, "cub": 11788, "miniimagenet": 60000, "tieredimagenet": 779165}
+REAL_IMAGES = {"cifar100 (CIFAR-FS, FC100)": 60000, "cub": 11788, "miniimagenet": 60000, "tieredimagenet": 779165,
+               "omniglot (official folders)": 32460}
+OWN_SIZE = ("cifar", "omniglot")  # miniatures whose images have the real size: their own per-image time projects
 
 
 def cache_bytes(folder: Path) -> int:
@@ -83,9 +87,12 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
+        from tests.image_data_fixtures import omniglot_arrays, write_omniglot_folders
         from tests.source_fixtures import write_all_sources  # needs the repo root on the path (see above)
 
         sources = write_all_sources(base / "sources")
+        # 100 characters x 20 drawers of 105x105 PNGs, in the official folder layout
+        omniglot = write_omniglot_folders(base / "omniglot", omniglot_arrays(60, 40, drawers=20, size=105))
         small = {"ways": 5, "shots": 1, "queries": 1}
         cases = {
             "cifar100 (CIFAR-FS, FC100)": (lambda: CIFARFSDataModule(root=str(sources["cifar"]), **small),
@@ -95,6 +102,7 @@ def main() -> None:
                 sources["imagenet"]), split_dir=str(sources["ravi"]), **small), base / "mini"),
             "tieredimagenet": (lambda: TieredImageNetDataModule(root=str(base / "tiered"), imagenet_root=str(
                 sources["imagenet"]), **small), base / "tiered"),
+            "omniglot (official folders)": (lambda: OmniglotDataModule(root=str(omniglot), **small), omniglot),
         }
         (base / "full").mkdir()
         per_full = full_size_seconds(args.full, base / "full")
@@ -102,7 +110,7 @@ def main() -> None:
         for name, (make, folder) in cases.items():
             built, loaded, images = timed(make)
             per_image_bytes = cache_bytes(folder) / images
-            per_image_s = built / images if name.startswith("cifar") else per_full
+            per_image_s = built / images if name.startswith(OWN_SIZE) else per_full
             real = REAL_IMAGES[name]
             rows.append({"benchmark": name, "miniature_images": images, "build_s": round(built, 3),
                          "load_s": round(loaded, 3), "bytes_per_image": round(per_image_bytes),

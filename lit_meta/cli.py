@@ -5,7 +5,12 @@
   data), and ``model.meta_batch_size`` into ``data.meta_batch_size``.
 - Every fit ends by meta-testing the best checkpoint (``--test_after_fit false`` to
   skip), writes ``results.json`` beside the checkpoints and prints ``results: <path>``
-  last.
+  last; a fit the divergence guard stopped (:mod:`lit_meta.nonfinite`) records that in
+  ``results.json``, then ends with one ``error:`` line.
+- Checkpoints are written by :class:`lit_meta.checkpoint.AtomicCheckpointIO`, whatever
+  ``--trainer.plugins`` add, unless they bring a checkpoint writer of their own.
+- ``--ckpt_path`` must hold a lit_meta checkpoint of the configured algorithm and task
+  shapes; anything else is one line saying what the file holds and what was expected.
 """
 from __future__ import annotations
 
@@ -21,7 +26,16 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
 from lit_meta.algorithms.meta_module import MetaModule
-from lit_meta.checkpoint import SPECIAL_PATHS, atomic_write, check_task_spec, read_hparams, saved_class
+from lit_meta.checkpoint import (
+    SPECIAL_PATHS,
+    atomic_write,
+    check_same_class,
+    check_task_spec,
+    describe_os_error,
+    read_hparams,
+    saved_class,
+    use_atomic_checkpoints,
+)
 from lit_meta.data.base import EpisodicDataModule
 from lit_meta.loggers import slurm_run_id
 
@@ -41,8 +55,6 @@ class MetaCLI(LightningCLI):
             "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": ROOT_LOGS}},
             "max_steps": 1000,
             "num_sanity_val_steps": 0,
-            # a kill -9 mid-save must not destroy the last complete checkpoint
-            "plugins": [{"class_path": "lit_meta.checkpoint.AtomicCheckpointIO"}],
         }
         kwargs["trainer_defaults"] = {**defaults, **kwargs["trainer_defaults"]}
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -68,6 +80,7 @@ class MetaCLI(LightningCLI):
             return
         if "_class_path" in hparams:
             saved_class(path, hparams)  # importable, or one line saying why
+            check_same_class(path, hparams["_class_path"], self.config[subcommand].get("model"))
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         try:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
@@ -90,6 +103,13 @@ class MetaCLI(LightningCLI):
             init = getattr(entry, "init_args", None)
             if init is not None and "version" in init and init.get("version") is None:
                 init["version"] = f"slurm_{job}"
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer = super().instantiate_trainer(**kwargs)
+        # here, not as a default plugin: a user's --trainer.plugins list would replace that
+        # (a kill -9 mid-save must not destroy the last complete checkpoint)
+        use_atomic_checkpoints(trainer)
+        return trainer
 
     # ---------------------------------------------------------------- fit / validate / test
     def before_fit(self) -> None:
@@ -134,6 +154,7 @@ class MetaCLI(LightningCLI):
             "last_checkpoint": str(last.resolve()),
         }
         payload.update(model.results_extra())
+        payload.update(model.divergence_report())
         path = run_dir / "results.json"
         atomic_write(path, lambda handle: handle.write(json.dumps(payload, indent=2).encode()))
         for logger in trainer.loggers:
@@ -209,10 +230,25 @@ def main(args: list[str] | None = None) -> None:
 
             return adapt_main(argv[1:])
         # args=None lets LightningCLI read sys.argv itself (it warns when given both).
-        MetaCLI(args=None if args is None and sys.argv[1:] else argv)
-    except ValueError as error:
-        if os.environ.get("LIT_META_TRACEBACK"):
-            raise
-        message = str(_root_value_error(error)).strip().splitlines()[0]
+        cli = MetaCLI(args=None if args is None and sys.argv[1:] else argv)
+        stop_if_diverged(cli.model)
+    except (ValueError, OSError) as error:
+        if os.environ.get("LIT_META_TRACEBACK") or (isinstance(error, OSError) and error.filename is None):
+            raise  # an OSError that names no file is no bad input or full disk: show where it came from
+        message = one_line(error)
         print(f"error: {message} (set LIT_META_TRACEBACK=1 for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def one_line(error: BaseException) -> str:
+    """The line ``main`` prints for a ValueError, or an OSError naming a file (an unwritable log folder)."""
+    if isinstance(error, OSError):
+        return f"{describe_os_error(error, error.filename)}: {error.filename}"
+    return str(_root_value_error(error)).strip().splitlines()[0]
+
+
+def stop_if_diverged(model: Any) -> None:
+    """After the results are written: a fit that the divergence guard stopped fails with its line."""
+    divergence = getattr(model, "divergence", None)
+    if divergence:
+        raise ValueError(divergence["message"])

@@ -5,7 +5,9 @@
 2. It weights the tasks: ``uniform`` (the mean) or ``gradient_agreement``
    (Eshratifar et al. 2018, "Gradient Agreement as an Optimization Objective for
    Meta-Learning"): w_i = Σ_j g_i·g_j / Σ_k Σ_j |g_k·g_j|.
-3. It writes ``.grad`` = Σ_i w_i × (task i's outer gradient) and steps the meta-optimizer.
+3. It writes ``.grad`` = Σ_i w_i × (task i's outer gradient) and steps the meta-optimizer
+   through the divergence guard (:mod:`lit_meta.nonfinite`): a step whose meta-loss or
+   resulting weights are not finite is undone on the device and counted.
 
 Weights are detached, so for losses the weighted meta-gradient is one backward pass of
 Σ_i w_i L_i. Under DDP the weights are global: the updates of all ranks are gathered
@@ -19,6 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from lit_meta.nonfinite import NonFiniteGuard
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -68,7 +72,7 @@ def task_weights(weighting: str, inner_updates: Tensor | None, num_local: int,
 
 
 class MetaStep:
-    def __init__(self, weighting: str = "uniform", grad_clip: float | None = None) -> None:
+    def __init__(self, weighting: str = "uniform", grad_clip: float | None = None, max_nonfinite: int = 10) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if grad_clip is not None and grad_clip <= 0:
@@ -76,6 +80,8 @@ class MetaStep:
         self.weighting = weighting
         self.grad_clip = grad_clip
         self._skipped: Tensor | int = 0  # a device tensor under 16-mixed: no host sync per step
+        self.guard = NonFiniteGuard(max_nonfinite)
+        self._standalone_steps = 0  # the step index outside a Trainer
 
     @property
     def skipped_steps(self) -> int:
@@ -115,6 +121,7 @@ class MetaStep:
         if optimizer is None:
             optimizer = module.optimizers() if module._trainer is not None else module.standalone_optimizer()
         optimizer.zero_grad(set_to_none=True)
+        self.guard.begin()
         return optimizer
 
     def accumulate(self, module: "pl.LightningModule", weights: Tensor, query_losses: Tensor | None = None,
@@ -126,11 +133,17 @@ class MetaStep:
         if query_losses is not None:
             # One backward, one DDP all-reduce. DDP averages over ranks, hence × world.
             loss = world * (weights.to(query_losses.dtype) * query_losses).sum()
+            self.guard.note(loss)
             module.manual_backward(loss) if attached else loss.backward()
         if task_grads is not None:
             named = dict(module.named_parameters())
             for name, per_task in task_grads.items():
-                g = torch.einsum("t,t...->...", weights.to(per_task.dtype), per_task.detach())
+                # at least fp32 and outside autocast: under 16-mixed an autocast einsum would round
+                # the written gradient to fp16 (and flush its small entries) before it is scaled
+                dtype = torch.promote_types(per_task.dtype, torch.float32)
+                with torch.autocast(per_task.device.type, enabled=False):
+                    g = torch.einsum("t,t...->...", weights.to(dtype), per_task.detach().to(dtype))
+                self.guard.note(g)
                 if scaler is not None:
                     # the scaler's step unscales every .grad, so written ones must be scaled too
                     # (scale() multiplies on the device: get_scale() would sync the host)
@@ -150,7 +163,11 @@ class MetaStep:
             torch.nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
         scale = getattr(scaler, "_scale", None)
         scale = scale.clone() if scale is not None else None
-        optimizer.step()
+        if module._trainer is not None:
+            step = module.trainer.global_step  # this step's index (the optimizer has not stepped yet)
+        else:
+            step, self._standalone_steps = self._standalone_steps, self._standalone_steps + 1
+        self.guard.step(optimizer, step)  # optimizer.step(), undone if the result is not finite
         if scale is not None:
             # GradScaler lowers its scale when it finds inf/NaN in the fp16 gradients and
             # skips the step; compared on the device, so a CUDA step never waits on the host
@@ -166,7 +183,7 @@ class MetaStep:
             (), float(self._skipped), device=w.device)
         module.log_dict(
             {"meta/weight_min": w.min(), "meta/weight_max": w.max(), "meta/weight_spread": w.max() - w.min(),
-             "meta/skipped_steps": skipped},
+             "meta/skipped_steps": skipped, "train/nonfinite_skipped": self.guard.skipped_tensor(w)},
             on_step=True,
             on_epoch=False,
         )

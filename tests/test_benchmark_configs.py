@@ -77,12 +77,17 @@ def test_maml_config_trains_on_the_miniature_and_its_checkpoint_adapts(dataset, 
     assert last.startswith("results: ")
     results = json.loads(Path(last.removeprefix("results: ")).read_text())
     assert results["dataset"] == dataset and results["algorithm"] == "maml" and results["train/steps"] == 5
-    assert results["metrics"]["test/tasks"] == 2 and 0 <= results["metrics"]["test/acc"] <= 1
+    # the mean over exactly 2 test tasks x 5 ways x 1 query: a multiple of 1/10
+    acc = results["metrics"]["test/acc"]
+    assert results["metrics"]["test/tasks"] == 2 and acc * 10 == pytest.approx(round(acc * 10), abs=1e-5)
     support, query = task_folders(dataset, sources, tmp_path / "task")
     main(["adapt", "--ckpt_path", results["best_checkpoint"], "--support", str(support), "--query", str(query)])
     out = capsys.readouterr()
     accuracy = [line for line in out.out.splitlines() if line.startswith("accuracy: ")]
-    assert len(accuracy) == 1 and 0 <= float(accuracy[0].split()[1]) <= 1
+    # the printed accuracy is that of the printed predictions (file, prediction, label)
+    rows = [line.split() for line in out.out.splitlines()[1:] if len(line.split()) == 3]
+    assert len(rows) == 3 and len(accuracy) == 1
+    assert float(accuracy[0].split()[1]) == pytest.approx(sum(r[1] == r[2] for r in rows) / 3, abs=1e-4)
     assert "head" in out.err  # the 5-way checkpoint adapts a new 3-way head, and says so
 
 

@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from lit_meta import LearnedOptimizer
 from lit_meta.algorithms import LearningToLearn, MetaLSTM
-from lit_meta.algorithms.learning_to_learn import LSTMRule, NonFiniteLossError
+from lit_meta.algorithms.learning_to_learn import LSTMRule
 from lit_meta.data import MLPClassification, OptimizeeDataModule, Quadratic
 from lit_meta.models.lstm_optimizers import preprocess
 from lit_meta.tasks import TaskBatch, task_spec
@@ -118,12 +118,11 @@ def _trainer(root: Path, steps: int, **kwargs) -> pl.Trainer:
                       default_root_dir=str(root), **kwargs)
 
 
-@pytest.fixture(scope="module")
-def trained_quadratic(tmp_path_factory):
-    """A learned optimizer after 60 meta-steps (12 unrolls of 100) on quadratics, and its checkpoint."""
-    root = tmp_path_factory.mktemp("learning_to_learn")
-    pl.seed_everything(0)
-    dm = OptimizeeDataModule(Quadratic(), meta_batch_size=32, steps_per_epoch=60, test_tasks=64)
+def train_quadratic(root: Path, seed: int = 0) -> tuple[LearningToLearn, OptimizeeDataModule, float, Path]:
+    """A learned optimizer after 60 meta-steps (12 unrolls of 100) on quadratics, the held-out
+    loss its untrained self reaches, and its checkpoint."""
+    pl.seed_everything(seed)
+    dm = OptimizeeDataModule(Quadratic(), meta_batch_size=32, steps_per_epoch=60, test_tasks=64, seed=seed)
     model = LearningToLearn(dm.task_spec, meta_batch_size=32, meta_lr=0.003)
     before = model.loss_curves(dm.eval_batch("test", 0), model.update_rule(False))[:, -1].mean().item()
     trainer = _trainer(root, 60)
@@ -133,10 +132,25 @@ def trained_quadratic(tmp_path_factory):
     return model, dm, before, path
 
 
+@pytest.fixture(scope="module")
+def trained_quadratic(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors (tests/conftest.py, one_thread)
+    try:
+        return train_quadratic(tmp_path_factory.mktemp("learning_to_learn"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_held_out_loss(before: float, after: float) -> None:
+    # Measured at seeds 0-4 x 1-2 threads: after / before <= 0.016 (docs/RESULTS.md).
+    assert math.isfinite(after) and after < 0.1 * before, (before, after)
+
+
 def test_short_meta_training_lowers_held_out_loss(trained_quadratic):
     model, dm, before, _ = trained_quadratic
     after = model.loss_curves(dm.eval_batch("test", 0), model.update_rule(False))[:, -1].mean().item()
-    assert math.isfinite(after) and after < 0.1 * before, (before, after)
+    check_held_out_loss(before, after)
 
 
 def _regression_problem():
@@ -146,20 +160,43 @@ def _regression_problem():
     return x, y
 
 
-def test_learned_optimizer_trains_a_model_and_state_dict_round_trips(trained_quadratic, tmp_path):
-    path = trained_quadratic[3]
+def train_linear_model(path: Path, seed: int = 0) -> tuple[torch.nn.Linear, LearnedOptimizer, float, float]:
+    """A linear regression trained for 100 steps by the learned optimizer in ``path``:
+    (model, optimizer, first loss, last loss)."""
     x, y = _regression_problem()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = torch.nn.Linear(5, 1)
     opt = LearnedOptimizer(model.parameters(), checkpoint=path)
-    assert isinstance(opt, torch.optim.Optimizer)
     first = F.mse_loss(model(x), y).item()
     for _ in range(100):  # the horizon it was meta-trained for
         opt.zero_grad()
         loss = F.mse_loss(model(x), y)
         loss.backward()
         opt.step()
-    assert F.mse_loss(model(x), y).item() < 0.2 * first
+    return model, opt, first, F.mse_loss(model(x), y).item()
+
+
+def check_trains_a_model(first: float, last: float) -> None:
+    # Measured at seeds 0-4 x 1-2 threads: last / first <= 0.05 (docs/RESULTS.md).
+    assert last < 0.2 * first, (first, last)
+
+
+def measure_learned_optimizer(seed: int = 0) -> dict[str, float]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        model, dm, before, path = train_quadratic(Path(folder), seed)
+        after = model.loss_curves(dm.eval_batch("test", 0), model.update_rule(False))[:, -1].mean().item()
+        _, _, first, last = train_linear_model(path, seed)
+    return {"held_out_before": before, "held_out_after": after, "linear_first": first, "linear_last": last}
+
+
+def test_learned_optimizer_trains_a_model_and_state_dict_round_trips(trained_quadratic, tmp_path):
+    path = trained_quadratic[3]
+    x, y = _regression_problem()
+    model, opt, first, last = train_linear_model(path)
+    assert isinstance(opt, torch.optim.Optimizer)
+    check_trains_a_model(first, last)
 
     # Resume from state_dicts (through a file, as a user would) and continue identically.
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "resume.pt")
@@ -202,28 +239,43 @@ class _PoisonedQuadratics(OptimizeeDataModule):
 
 
 def test_non_finite_loss_skips_the_step_with_a_counted_warning(tmp_path):
+    """The shared divergence guard (lit_meta.nonfinite): steps 0 and 1 are poisoned, so their
+    meta-steps are undone (the LSTM keeps its weights through them) and counted; the poisoned
+    function restarts its unroll from θ_0, so the later steps are finite and train."""
     dm = _PoisonedQuadratics({0, 1}, meta_batch_size=8, steps_per_epoch=20)
     model = LearningToLearn(dm.task_spec, meta_batch_size=8, unroll=20, truncation=10, max_nonfinite=3)
-    trainer = _trainer(tmp_path, 4)
-    with pytest.warns(UserWarning, match="non-finite optimizee loss in 1 of 8 functions") as record:
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            seen.append({k: v.clone() for k, v in module.state_dict().items()})
+
+    trainer = _trainer(tmp_path, 4, callbacks=[Watch()])
+    with pytest.warns(UserWarning, match=r"2 meta-step\(s\) skipped between steps 0 and 4 \(2 in all"):
         trainer.fit(model, datamodule=dm)
-    assert sum("non-finite" in str(w.message) for w in record) == 2
-    assert trainer.global_step == 4  # the skipped steps are not counted as meta-steps
-    assert trainer.callback_metrics["train/nonfinite_skipped"].item() == 2
-    assert (tmp_path / "checkpoints" / "last_finite.ckpt").is_file()
+    assert trainer.global_step == 4  # skipped steps still count as Trainer steps
+    assert model.meta_step.guard.skipped == 2 and model.divergence is None
+    for k, v in initial.items():  # steps 0 and 1 changed nothing
+        assert torch.equal(seen[1][k], v), k
+    assert any(not torch.equal(seen[3][k], v) for k, v in initial.items())  # steps 2 and 3 trained
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(model._unroll["theta"]).all()  # the poisoned function started again
 
 
 def test_non_finite_loss_stops_after_max_in_a_row_and_keeps_the_last_finite_state(tmp_path):
     dm = _PoisonedQuadratics(None, meta_batch_size=8, steps_per_epoch=20)
     model = LearningToLearn(dm.task_spec, meta_batch_size=8, unroll=20, truncation=10, max_nonfinite=3)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.warns(UserWarning, match="non-finite"), \
-            pytest.raises(NonFiniteLossError, match="3 meta-training steps in a row .*last_finite.ckpt"):
-        _trainer(tmp_path, 10).fit(model, datamodule=dm)
-    kept = torch.load(tmp_path / "checkpoints" / "last_finite.ckpt", weights_only=True)["state_dict"]
+    trainer = _trainer(tmp_path, 10, log_every_n_steps=1)
+    with pytest.warns(UserWarning, match="3 meta-steps in a row from step 0 .*stopped at step 3"):
+        trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 3 and model.divergence["diverged_at_step"] == 0
+    assert "output_scale" in model.divergence["message"]
+    trainer.save_checkpoint(tmp_path / "kept.ckpt")
+    kept = torch.load(tmp_path / "kept.ckpt", weights_only=True)["state_dict"]
     for k, v in initial.items():
-        torch.testing.assert_close(kept[k], v)
+        assert torch.equal(kept[k], v), k
 
 
 # ---------------------------------------------------------------------- configs end to end
@@ -276,16 +328,15 @@ def test_meta_lstm_configs_follow_the_paper(name):
         assert data["queries"] == 15 and data["test_tasks"] == 600 and config["trainer"]["max_steps"] == 60000
 
 
-@pytest.mark.slow
-def test_meta_lstm_learns_real_omniglot(tmp_path):
-    """150 meta-steps of the CPU config's learner on the real Omniglot pack: far above chance (20%)."""
+def measure_meta_lstm_real(folder: Path, seed: int = 0) -> dict[str, float]:
+    """Validation accuracy (50 tasks, 5-way 1-shot) after 150 meta-steps of the CPU config's
+    learner on the real Omniglot pack."""
     from lit_meta.data import OmniglotDataModule
     from tests.conftest import OMNIGLOT
 
-    if not (OMNIGLOT / "images_background.npz").is_file():
-        pytest.skip(f"real Omniglot not found at {OMNIGLOT}")
+    torch.manual_seed(seed)
     dm = OmniglotDataModule(root=str(OMNIGLOT), ways=5, shots=1, queries=5, eval_queries=15, meta_batch_size=8,
-                            val_tasks=50, eval_batch_size=25, cache_dir=str(tmp_path))
+                            val_tasks=50, eval_batch_size=25, cache_dir=str(folder), seed=seed)
     dm.setup("fit")
     model = MetaLSTM(dm.task_spec, backbone="conv4", backbone_kwargs={"filters": 16}, init_lr=0.1,
                      inner_steps=5, meta_batch_size=8)
@@ -293,4 +344,19 @@ def test_meta_lstm_learns_real_omniglot(tmp_path):
         model.outer_update(dm.train_batch(step))
     acc = torch.cat([model.run_tasks(dm.eval_batch("val", c), 5, first_order=True, training=False)["query_acc"]
                      for c in range(2)]).mean().item()
-    assert acc > 0.6, acc
+    return {"val_acc": acc}
+
+
+def check_meta_lstm_real(m: dict[str, float]) -> None:
+    # far above chance (0.2); measured at seeds 0-2: docs/RESULTS.md
+    assert m["val_acc"] > 0.6, m
+
+
+@pytest.mark.slow
+def test_meta_lstm_learns_real_omniglot(tmp_path):
+    """150 meta-steps of the CPU config's learner on the real Omniglot pack: far above chance (20%)."""
+    from tests.conftest import OMNIGLOT
+
+    if not (OMNIGLOT / "images_background.npz").is_file():
+        pytest.skip(f"real Omniglot not found at {OMNIGLOT}")
+    check_meta_lstm_real(measure_meta_lstm_real(tmp_path))

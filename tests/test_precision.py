@@ -1,5 +1,6 @@
-"""Mixed precision: every algorithm takes finite meta-steps under bf16-mixed (and
-16-mixed, whose inner loop runs in fp32) on CPU."""
+"""Mixed precision on CPU: every algorithm takes finite meta-steps under bf16-mixed (and
+16-mixed, whose inner loop runs in fp32), and one meta-step equals the fp32 one on the same
+batch to within the precision's rounding, for MAML's backward and Reptile's written gradients."""
 from __future__ import annotations
 
 import math
@@ -68,3 +69,69 @@ def test_16_mixed_runs_the_inner_loop_in_fp32():
         seen.append(torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype)
     model._trainer = None
     assert seen == [torch.float32, torch.float16]
+
+
+# ---------------------------------------------------------------------------- one step against fp32
+def one_meta_step(cls, kwargs: dict, precision: str) -> torch.Tensor:
+    """The parameter update of meta-step 0 (same initial weights, same tasks) under ``precision``."""
+    dm = SineDataModule(meta_batch_size=8)
+    torch.manual_seed(0)
+    model = cls(task_spec=dm.task_spec, meta_batch_size=8, **kwargs)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    # init_scale 2^8: no overflow in this step, so GradScaler steps (2^16 may skip it)
+    plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))] \
+        if precision == "16-mixed" else []
+    trainer = pl.Trainer(accelerator="cpu", plugins=plugins, precision=None if plugins else precision, max_steps=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, inference_mode=False, limit_val_batches=0)
+    trainer.fit(model, dm)
+    assert model.meta_step.skipped_steps == 0
+    return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+
+
+# Relative error ||Δθ_mixed − Δθ_fp32|| / ||Δθ_fp32|| of one SGD meta-step (SGD: the update is the
+# gradient itself, so a wrongly scaled gradient shows; Adam would normalise it away).
+# - bf16 (unit roundoff u = 2^-8 ≈ 3.9e-3): inner loop, query forward and backward in bf16;
+#   measured 5.3e-3..8.5e-3 (MAML) and 6.7e-3..8.8e-3 (Reptile) over 3 seeds: bound 4e-2 ≈ 10 u.
+# - 16-mixed (u = 2^-11 ≈ 4.9e-4): MAML's query forward and scaled backward in fp16, measured
+#   3.1e-4..5.0e-4: bound 5e-3 ≈ 10 u. Reptile's inner loop is fp32 and its written gradient is
+#   scaled and unscaled by a power of two, so it equals fp32 (measured 0): bound 1e-6. Without
+#   scaler.scale on written gradients the update would be 2^-8 of fp32's: error ≈ 1.
+PRECISION_CASES = {
+    ("maml", "bf16-mixed"): 4e-2, ("maml", "16-mixed"): 5e-3,
+    ("reptile", "bf16-mixed"): 4e-2, ("reptile", "16-mixed"): 1e-6,
+}
+STEP_ALGORITHMS = {
+    "maml": (MAML, {"meta_optimizer": "sgd", "meta_lr": 0.1, "inner_lr": 0.01}),
+    "reptile": (Reptile, {"inner_optimizer": "sgd", "inner_lr": 0.02, "inner_steps": 3}),  # meta: SGD at 1.0
+}
+
+
+@pytest.mark.parametrize("name,precision", list(PRECISION_CASES))
+def test_a_mixed_precision_meta_step_equals_the_fp32_one_to_its_rounding(name, precision):
+    cls, kwargs = STEP_ALGORITHMS[name]
+    reference = one_meta_step(cls, kwargs, "32-true")
+    mixed = one_meta_step(cls, kwargs, precision)
+    error = ((mixed - reference).norm() / reference.norm()).item()
+    assert reference.norm() > 0 and error <= PRECISION_CASES[(name, precision)], error
+
+
+def test_steps_the_scaler_skips_are_counted_and_are_not_divergence(tmp_path):
+    """A scale of 2^40 overflows fp16 in the backward: GradScaler skips the steps (halving the
+    scale each time), meta/skipped_steps counts them, the weights stay, and the divergence
+    guard (whose meta-loss is finite) counts none."""
+    dm = SineDataModule(meta_batch_size=8)
+    model = MAML(task_spec=dm.task_spec, meta_batch_size=8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0 ** 40))]
+    trainer = pl.Trainer(accelerator="cpu", plugins=plugins, max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+                         limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    assert model.meta_step.skipped_steps == 3 and model.meta_step.guard.skipped == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_plain_16_mixed_on_cpu_is_bf16():
+    trainer = pl.Trainer(accelerator="cpu", precision="16-mixed", logger=False)
+    assert trainer.precision == "bf16-mixed" and getattr(trainer.precision_plugin, "scaler", None) is None

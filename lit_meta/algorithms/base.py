@@ -45,7 +45,7 @@ class MetaLearner(MetaModule):
       (MAML++: per-step running statistics), ``set_inner_lr(lr)`` (Meta-SGD, MAML++: the
       learned rates; Meta-LSTM: refuses), ``resize_head(ways)`` (Meta-SGD: the head's rates);
     - reporting: ``algorithm_name`` (MAML: fomaml when first order), ``results_extra()``,
-      ``monitor``, ``meta_parameters()``.
+      ``monitor``, ``meta_parameters()``, ``divergence_cause(step)``.
 
     No algorithm overrides a Lightning hook or a private method.
     """
@@ -69,6 +69,7 @@ class MetaLearner(MetaModule):
         transductive: bool = True,
         inner_checkpointing: bool = False,
         compile_tasks: str | None = None,
+        max_nonfinite: int = 10,
     ) -> None:
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
             raise ValueError(f"inner_steps/eval_inner_steps must be >= 0, got {inner_steps}/{eval_inner_steps}")
@@ -78,7 +79,7 @@ class MetaLearner(MetaModule):
             raise ValueError(f"meta_batch_size must be >= 1, got {meta_batch_size}")
         if task_chunk_size is not None and task_chunk_size < 1:
             raise ValueError(f"task_chunk_size must be >= 1 or null, got {task_chunk_size}")
-        super().__init__(task_spec, meta_optimizer, meta_lr, lr_schedule, weighting, grad_clip)
+        super().__init__(task_spec, meta_optimizer, meta_lr, lr_schedule, weighting, grad_clip, max_nonfinite)
         self.save_hyperparameters()
         self.net = build_network(backbone, task_spec, **(backbone_kwargs or {}))
         self.inner_lr = inner_lr
@@ -242,6 +243,23 @@ class MetaLearner(MetaModule):
     @property
     def monitor(self) -> tuple[str, str]:
         return ("val/mse_after", "min") if self.regression else ("val/acc", "max")
+
+    def divergence_cause(self, step: int) -> str:
+        """Replays step ``step``'s tasks from the current (last finite) weights: a loss that is
+        finite at θ but not after the inner steps points at the inner rate, else the meta rate."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "train_batch"):
+            return super().divergence_cause(step)
+        with torch.enable_grad():
+            out = self.run_tasks(datamodule.train_batch(step), self.inner_steps, first_order=True, training=False)
+        if not bool(torch.isfinite(out["before_loss"]).all()):
+            return (f"the weights give a non-finite loss before adaptation: the meta learning rate "
+                    f"(meta_lr={self.meta_lr}) is too large")
+        if not bool(torch.isfinite(out["final_query_loss"]).all()):
+            return (f"the loss is finite at the weights but not after {self.inner_steps} inner step(s): the inner "
+                    f"learning rate (inner_lr={self.inner_lr}) is too large")
+        return (f"the tasks adapt to finite losses, but the meta-gradient or the meta-update is not finite: the meta "
+                f"learning rate (meta_lr={self.meta_lr}) is too large, or set grad_clip")
 
     # ------------------------------------------------------------------ evaluation and new tasks
     def evaluation_mode(self, on: bool) -> None:

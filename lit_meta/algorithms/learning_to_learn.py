@@ -13,7 +13,10 @@ the path through θ_t is not). The outer update is the shared ``MetaStep`` with 
 
 Lightning steps: one training step is one truncation (one meta-update); the LSTM state
 and θ are carried to the next step, and every ``unroll / truncation`` steps a fresh
-batch of functions starts (on a mid-unroll resume, the next batch starts afresh).
+batch of functions starts (on a mid-unroll resume, the next batch starts afresh). A
+function whose truncation loss or θ turns non-finite starts its unroll again from θ_0 with
+a fresh LSTM state (decided on the device); the meta-step of that truncation is skipped by
+the shared divergence guard (:mod:`lit_meta.nonfinite`, ``max_nonfinite``).
 Evaluation runs ``eval_steps`` steps of the learned optimizer and of SGD, RMSprop, Adam
 and NAG (``lit_meta.update_rules``; learning rates tuned on training-family functions by
 a grid) through the same engine, on the fixed held-out functions of the DataModule.
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,10 +61,6 @@ class LSTMRule:
                  state: LSTMState) -> tuple[Params, LSTMState]:
         update, state = self.net(flatten(grads), state)
         return unflatten(flatten(params) + update, params), state
-
-
-class NonFiniteLossError(ValueError):
-    """Too many meta-training steps in a row had a non-finite optimizee loss."""
 
 
 class LearningToLearn(MetaModule):
@@ -100,7 +98,8 @@ class LearningToLearn(MetaModule):
             raise ValueError(f"baseline_lrs must be positive learning rates, got {baseline_lrs}")
         if meta_batch_size < 1:
             raise ValueError(f"meta_batch_size must be >= 1, got {meta_batch_size}")
-        super().__init__(task_spec, meta_optimizer, meta_lr, lr_schedule, grad_clip=grad_clip)
+        super().__init__(task_spec, meta_optimizer, meta_lr, lr_schedule, grad_clip=grad_clip,
+                         max_nonfinite=max_nonfinite)
         self.save_hyperparameters()
         # The network is the optimizer; the optimizee lives in the data (``family``).
         self.net = CoordinateLSTM(hidden_size, num_layers, output_scale, preprocess_p)
@@ -108,15 +107,11 @@ class LearningToLearn(MetaModule):
         self.first_order, self.meta_batch_size = first_order, meta_batch_size
         self.family = build_family(task_spec["optimizee"])
         self.chunks = unroll // truncation
-        self.max_nonfinite = max_nonfinite
         self.baseline_lrs = [float(lr) for lr in baseline_lrs]
         self.tune_functions = tune_functions
         self.tuned_lrs: dict[str, float] = {}
         self.curves: dict[str, list[float]] = {}
         self._unroll: dict[str, Any] | None = None
-        self._nonfinite_in_row = 0
-        self._nonfinite_total = 0
-        self._last_finite: Path | None = None
 
     def update_rule(self, training: bool) -> LSTMRule:
         return LSTMRule(self.net)
@@ -154,8 +149,7 @@ class LearningToLearn(MetaModule):
     # ------------------------------------------------------------------ meta-training
     def outer_update(self, batch: OptimizeeBatch) -> dict[str, Any]:
         """One truncation of the current unroll and one meta-step; every ``unroll / truncation``
-        calls a fresh unroll starts on the functions of ``batch``. ``out["skipped"]`` is true
-        when a non-finite optimizee loss skipped the meta-step."""
+        calls a fresh unroll starts on the functions of ``batch``."""
         run = self._unroll
         if run is None or run["chunk"] == self.chunks:
             run = self._unroll = {"batch": batch, "theta": batch.theta0, "state": None, "chunk": 0}
@@ -163,54 +157,28 @@ class LearningToLearn(MetaModule):
                                  LSTMRule(self.net), first_order=self.first_order)
         # Σ_{t=s+1}^{s+K} f(θ_t): f(θ_s) is a constant of this truncation.
         out["meta_loss"] = meta_loss = out["losses"][:, 1:].sum(1)
-        finite = bool(torch.isfinite(meta_loss).all())
-        if self._trainer is not None:  # every rank skips if any rank saw a non-finite loss
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        out["skipped"] = not finite
-        if not finite:
-            self._skip_nonfinite(meta_loss)
-            return out
-        self._nonfinite_in_row = 0
+        # a non-finite meta-loss: the shared guard skips this meta-step (no host read here)
         self.meta_step(self, {"theta": (run["theta"] - out["theta"]).detach()}, query_losses=meta_loss)
-        run.update(theta=out["theta"].detach(), state=tuple(s.detach() for s in out["state"]),
+        # ... and the functions that went non-finite start their unroll again from θ_0
+        finite = torch.isfinite(meta_loss.detach()) & torch.isfinite(out["theta"].detach()).flatten(1).all(1)
+
+        def kept(new: Tensor, fresh: Tensor) -> Tensor:
+            return torch.where(finite.view(-1, *[1] * (new.dim() - 1)), new.detach(), fresh)
+
+        run.update(theta=kept(out["theta"], run["batch"].theta0),
+                   state=tuple(kept(s, torch.zeros_like(s)) for s in out["state"]),  # the LSTM's zero state
                    chunk=run["chunk"] + 1)
         return out
 
     def training_step(self, batch: OptimizeeBatch, batch_idx: int) -> None:
         out = self.outer_update(batch)
-        self.log("train/nonfinite_skipped", float(self._nonfinite_total))
-        if out["skipped"]:
-            return
         self.log("train/loss", out["meta_loss"].detach().mean() / self.inner_steps, prog_bar=True)
         self.step_lr_schedule()
 
-    def _skip_nonfinite(self, meta_loss: Tensor) -> None:
-        """Skip the meta-step, restart on fresh functions, and stop after ``max_nonfinite`` in a row."""
-        self._nonfinite_in_row += 1
-        self._nonfinite_total += 1
-        self._unroll = None
-        if self._nonfinite_in_row == 1:
-            # The weights have not moved since the last finite step: keep them.
-            self._last_finite = self._save_last_finite()
-        bad = int((~torch.isfinite(meta_loss)).sum())
-        rank_zero_warn(f"non-finite optimizee loss in {bad} of {meta_loss.numel()} functions at step "
-                       f"{self.global_step}: meta-step skipped ({self._nonfinite_in_row} in a row, "
-                       f"{self._nonfinite_total} in all); last finite weights in {self._last_finite}")
-        if self._nonfinite_in_row >= self.max_nonfinite:
-            raise NonFiniteLossError(
-                f"{self._nonfinite_in_row} meta-training steps in a row had a non-finite optimizee loss "
-                f"(max_nonfinite={self.max_nonfinite}); stopped at step {self.global_step}. "
-                f"The last finite weights are in {self._last_finite}")
-
-    def _save_last_finite(self) -> Path | None:
-        """``last_finite.ckpt`` beside the run's checkpoints (nothing without a Trainer)."""
-        if self._trainer is None:
-            return None
-        callback = self.trainer.checkpoint_callback
-        folder = Path(callback.dirpath if callback is not None and callback.dirpath else self.trainer.default_root_dir)
-        path = folder / "last_finite.ckpt"
-        self.trainer.save_checkpoint(path)
-        return path
+    def divergence_cause(self, step: int) -> str:
+        return (f"the learned steps overflow the optimizee functions: the meta learning rate (meta_lr={self.meta_lr}) "
+                f"or the output scale (output_scale={self.net.output_scale}) is too large, or the functions "
+                "themselves are not finite")
 
     # ------------------------------------------------------------------ evaluation
     def tune_baselines(self) -> dict[str, float]:

@@ -92,13 +92,14 @@ class MetaLSTM(MetaLearner):
         task_chunk_size: int | None = None,
         transductive: bool = True,
         inner_checkpointing: bool = False,
+        max_nonfinite: int = 10,
     ) -> None:
         super().__init__(task_spec, backbone, backbone_kwargs, inner_lr=init_lr, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=first_order,
                          meta_batch_size=meta_batch_size, meta_optimizer=meta_optimizer, meta_lr=meta_lr,
                          lr_schedule=lr_schedule, weighting=weighting, grad_clip=grad_clip,
                          task_chunk_size=task_chunk_size, transductive=transductive,
-                         inner_checkpointing=inner_checkpointing)
+                         inner_checkpointing=inner_checkpointing, max_nonfinite=max_nonfinite)
         self.meta_learner = MetaLSTMCell(hidden_size, preprocess_p, init_lr, init_forget)
 
     def update_rule(self, training: bool) -> MetaLSTMRule:

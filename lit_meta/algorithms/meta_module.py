@@ -9,7 +9,9 @@ meta-trained on optimizee functions). It owns
   schedule (constant, cosine, linear to 0; stepped once per meta-step), also without a
   Trainer (``standalone_optimizer``);
 - the shared meta-step (``self.meta_step``, :class:`~lit_meta.meta_step.MetaStep`):
-  task weighting, gradient clipping, the one backward;
+  task weighting, gradient clipping, the one backward, and the divergence guard
+  (:mod:`lit_meta.nonfinite`), whose counters it reads on logging steps and when training
+  ends (``divergence``, ``divergence_report`` for results.json);
 - evaluation epochs: the gradient-mode check (evaluation adapts with gradients), the
   per-epoch metric sums (``self.eval_sums``, :mod:`lit_meta.metrics`) and their logging;
 - checkpointing: the best (by ``monitor``) and last checkpoint, and a one-line error when
@@ -19,7 +21,7 @@ Subclasses implement ``outer_update`` (one meta-step), ``validation_step`` /
 ``test_step`` (add to ``eval_sums``; a batch of zero tasks, which a DDP rank gets when
 there are fewer evaluation tasks than ranks, adds nothing), ``evaluation_metrics`` and
 ``monitor``; they may override ``begin_evaluation``, ``results_extra``,
-``meta_parameters`` and ``algorithm_name``.
+``meta_parameters``, ``algorithm_name`` and ``divergence_cause``.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from lit_meta.checkpoint import remove_orphans
 from lit_meta.meta_step import MetaStep
 from lit_meta.metrics import MetricSums
 
@@ -40,7 +43,8 @@ class MetaModule(pl.LightningModule):
     algorithm = "base"
 
     def __init__(self, task_spec: dict[str, Any], meta_optimizer: str = "adam", meta_lr: float = 1e-3,
-                 lr_schedule: str = "constant", weighting: str = "uniform", grad_clip: float | None = None) -> None:
+                 lr_schedule: str = "constant", weighting: str = "uniform", grad_clip: float | None = None,
+                 max_nonfinite: int = 10) -> None:
         if meta_lr <= 0:
             raise ValueError(f"meta_lr must be > 0, got {meta_lr}")
         if meta_optimizer not in META_OPTIMIZERS:
@@ -51,7 +55,8 @@ class MetaModule(pl.LightningModule):
         self.automatic_optimization = False
         self.task_spec = task_spec
         self.meta_optimizer_name, self.meta_lr, self.lr_schedule = meta_optimizer, meta_lr, lr_schedule
-        self.meta_step = MetaStep(weighting, grad_clip)
+        self.meta_step = MetaStep(weighting, grad_clip, max_nonfinite)
+        self.divergence: dict[str, Any] | None = None  # set by the divergence guard when it stops training
         self.eval_sums = MetricSums()
         self._standalone_optimizer: torch.optim.Optimizer | None = None
 
@@ -83,6 +88,10 @@ class MetaModule(pl.LightningModule):
 
     def meta_parameters(self) -> Iterator[nn.Parameter]:
         return self.parameters()
+
+    def divergence_cause(self, step: int) -> str:
+        """Why the meta-steps from ``step`` on were likely non-finite (one phrase, for the stop line)."""
+        return f"the meta learning rate (meta_lr={self.meta_lr}) is too large"
 
     # ------------------------------------------------------------------ meta-optimizer and schedule
     def build_meta_optimizer(self) -> torch.optim.Optimizer:
@@ -152,6 +161,26 @@ class MetaModule(pl.LightningModule):
         # called after the meta-optimizer stepped, so global_step counts this step
         return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 or trainer.should_stop
 
+    # ------------------------------------------------------------------ the divergence guard
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # the guard's counters live on the device: read them only where values are logged anyway
+        if self.logging_step():
+            self.meta_step.guard.check(self)
+
+    def on_train_end(self) -> None:
+        self.meta_step.guard.check(self)
+
+    def divergence_report(self) -> dict[str, Any]:
+        """For results.json: the skipped steps and, if the guard stopped training, where and why."""
+        report: dict[str, Any] = {"train/nonfinite_skipped": self.meta_step.guard.skipped,
+                                  "diverged": self.divergence is not None}
+        if self.divergence is not None:
+            report.update({k: v for k, v in self.divergence.items() if k not in ("message", "nonfinite_skipped")})
+            report["diverged_note"] = ("the test metrics are those of best_checkpoint, which holds weights from "
+                                       f"before step {self.divergence['diverged_at_step']} (no non-finite step "
+                                       "ever changes the weights)")
+        return report
+
     # ------------------------------------------------------------------ evaluation epochs
     def check_grad_mode(self) -> None:
         if self.trainer is not None and getattr(self.trainer, "_inference_mode", False):
@@ -159,6 +188,10 @@ class MetaModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.check_grad_mode()
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and callback.dirpath and self.trainer.is_global_zero:
+            # the temporary files of a run killed mid-save (kill -9, preemption)
+            remove_orphans(callback.dirpath)
 
     def on_validation_epoch_start(self) -> None:
         self.check_grad_mode()
@@ -187,7 +220,12 @@ class MetaModule(pl.LightningModule):
         return [ModelCheckpoint(monitor=metric, mode=mode, save_last=True,
                                 filename="best-{step}", auto_insert_metric_name=False)]
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_guard"] = self.meta_step.guard.state_dict()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "nonfinite_guard" in checkpoint:
+            self.meta_step.guard.load_state_dict(checkpoint["nonfinite_guard"])
         # Lightning's own message for this is a multi-line RuntimeError after partial loading.
         own = self.state_dict()
         for name, value in checkpoint.get("state_dict", {}).items():

@@ -128,13 +128,17 @@ class MiniImageNetDataModule(ImageEpisodicDataModule):
     def find_layout(self) -> tuple[str, list[Path]]:
         self.check_root()
         pickles = [pickle_path(self.root, s) for s in SPLITS]
-        if all(p.is_file() for p in pickles):
-            return "pickle", pickles
         csvs = [self.root / f"{s}.csv" for s in SPLITS]
-        if all(p.is_file() for p in csvs):
-            if not (self.root / "images").is_dir():
-                raise ValueError(f"found the CSV files but no images/ folder in {self.root}")
-            return "csv", csvs
+        for layout, files in (("pickle", pickles), ("csv", csvs)):
+            present = [p for p in files if p.is_file()]
+            if len(present) == len(files):
+                if layout == "csv" and not (self.root / "images").is_dir():
+                    raise ValueError(f"found the CSV files but no images/ folder in {self.root}")
+                return layout, files
+            if present:  # one split of a layout: a download or copy that stopped short
+                missing = [str(p) for p in files if not p.is_file()]
+                raise ValueError(f"miniImageNet in {self.root} lacks {' and '.join(missing)} (found "
+                                 f"{', '.join(p.name for p in present)}): every split's file is needed")
         raise ValueError(f"no miniImageNet data in {self.root}; expected {LAYOUTS}")
 
     def build_pools(self) -> dict[str, ClassPool]:

@@ -11,7 +11,15 @@ alphabets) and ``images_evaluation`` (659 characters, 20 alphabets), any of:
 
 Characters are ordered by the official file number ``XXXX`` (the npz packs keep that
 order), drawers by ``YY``, background before evaluation; so every layout gives the same
-tensors. Images are inverted (ink = 1) and resized once, then cached under ``root``.
+tensors. Images are inverted (ink = 1) and resized once, then cached under ``root``; the
+cache key holds every PNG's name, size and modification time for a folder (a file changed
+or added deep inside a half rebuilds it), the file's own for a zip or npz.
+
+A folder or zip whose alphabets carry the official names is the official release: it must
+hold every alphabet with its number of characters (964 / 659 in all, :data:`OFFICIAL`) and
+20 drawers per character, or it is named as incomplete (an interrupted download or
+extraction) with a hint to fetch it again. Other names (the tests' miniatures, a subset made
+on purpose) and npz packs are read as they are.
 
 Splits:
 
@@ -25,6 +33,7 @@ Train characters get their 90° rotations as new classes (``rotations``).
 """
 from __future__ import annotations
 
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -48,6 +57,26 @@ from lit_meta.data.images import (
 )
 
 HALVES = ("images_background", "images_evaluation")
+# The official release (github.com/brendenlake/omniglot, python/images_*.zip): characters per
+# alphabet, 964 background and 659 evaluation ones in all; every character has DRAWERS images.
+OFFICIAL = {
+    "images_background": {
+        "Alphabet_of_the_Magi": 20, "Anglo-Saxon_Futhorc": 29, "Arcadian": 26, "Armenian": 41,
+        "Asomtavruli_(Georgian)": 40, "Balinese": 24, "Bengali": 46, "Blackfoot_(Canadian_Aboriginal_Syllabics)": 14,
+        "Braille": 26, "Burmese_(Myanmar)": 34, "Cyrillic": 33, "Early_Aramaic": 22, "Futurama": 26, "Grantha": 43,
+        "Greek": 24, "Gujarati": 48, "Hebrew": 22, "Inuktitut_(Canadian_Aboriginal_Syllabics)": 16,
+        "Japanese_(hiragana)": 52, "Japanese_(katakana)": 47, "Korean": 40, "Latin": 26, "Malay_(Jawi_-_Arabic)": 40,
+        "Mkhedruli_(Georgian)": 41, "N_Ko": 33, "Ojibwe_(Canadian_Aboriginal_Syllabics)": 14, "Sanskrit": 42,
+        "Syriac_(Estrangelo)": 23, "Tagalog": 17, "Tifinagh": 55,
+    },
+    "images_evaluation": {
+        "Angelic": 20, "Atemayar_Qelisayer": 26, "Atlantean": 26, "Aurek-Besh": 26, "Avesta": 26, "Ge_ez": 26,
+        "Glagolitic": 45, "Gurmukhi": 45, "Kannada": 41, "Keble": 26, "Malayalam": 47, "Manipuri": 40,
+        "Mongolian": 30, "Old_Church_Slavonic_(Cyrillic)": 45, "Oriya": 46, "Sylheti": 28, "Syriac_(Serto)": 23,
+        "Tengwar": 25, "Tibetan": 42, "ULOG": 26,
+    },
+}
+DRAWERS = 20
 SPLITS = ("finn", "lake")
 FINN_COUNTS = (1100, 100, 423)  # train / val / test of all 1623 characters
 LAKE_VAL = (100, 964)  # val characters out of the background ones
@@ -78,8 +107,41 @@ def _group(characters: dict[str, list[str]], where: str) -> list[tuple[str, list
     return [(name, sorted(files, key=_drawer_order)) for name, files in ordered]
 
 
-def read_folder(half: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """``half/<alphabet>/<character>/*.png`` -> (uint8 images, counts, character names)."""
+def check_complete(half: str, characters: dict[str, list[str]], where: str) -> None:
+    """One line naming ``where`` when it is the official release (official alphabet names) with
+    alphabets, characters or drawers missing. ``characters``: ``alphabet/character -> files``."""
+    official = OFFICIAL.get(half, {})
+    per_alphabet: dict[str, int] = {}
+    for name in characters:
+        alphabet = name.split("/")[0]
+        per_alphabet[alphabet] = per_alphabet.get(alphabet, 0) + 1
+    if not per_alphabet.keys() & official.keys():
+        return  # not the official release: nothing to count against
+    problems = []
+    missing = sorted(official.keys() - per_alphabet.keys())
+    if missing:
+        problems.append(f"missing alphabets {_some(missing)}")
+    short = [f"{a} has {n} of {official[a]} characters" for a, n in sorted(per_alphabet.items())
+             if a in official and n < official[a]]
+    few = [f"{name} has {len(files)} of {DRAWERS} drawers" for name, files in sorted(characters.items())
+           if len(files) < DRAWERS]
+    problems += [_some(short, "; "), _some(few, "; ")]
+    problems = [p for p in problems if p]
+    if problems:
+        found, expected = len(characters), sum(official.values())
+        raise ValueError(f"Omniglot {where} is incomplete: {found} of {expected} characters ({'; '.join(problems)}), "
+                         f"an interrupted download or extraction? Delete it and download it again "
+                         f"(--data.download true, or unzip the official {half}.zip again)")
+
+
+def _some(items: list[str], sep: str = ", ", shown: int = 3) -> str:
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return sep.join(items[:shown]) + more
+
+
+def list_folder(half: Path) -> dict[str, list[str]]:
+    """``half/<alphabet>/<character>/*.png`` -> ``{"alphabet/character": [png paths]}``, checked
+    for completeness when it is the official release."""
     characters: dict[str, list[str]] = {}
     for alphabet in sorted(p for p in half.iterdir() if p.is_dir()):
         for character in sorted(p for p in alphabet.iterdir() if p.is_dir()):
@@ -87,6 +149,24 @@ def read_folder(half: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor
                 str(f) for f in character.iterdir() if f.suffix.lower() == ".png"]
     if not characters:
         raise ValueError(f"no <alphabet>/<character>/ folders in {half}")
+    check_complete(half.name, characters, str(half))
+    return characters
+
+
+def folder_stamps(characters: dict[str, list[str]]) -> list[tuple[str, str, int, int]]:
+    """(character, file name, size, modification time) of every PNG: the cache key of a folder."""
+    stamps = []
+    for name, files in sorted(characters.items()):
+        for file in sorted(files):
+            stat = os.stat(file)
+            stamps.append((name, Path(file).name, stat.st_size, stat.st_mtime_ns))
+    return stamps
+
+
+def read_folder(half: Path, image_size: int,
+                characters: dict[str, list[str]] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``half/<alphabet>/<character>/*.png`` -> (uint8 images, counts, character names)."""
+    characters = list_folder(half) if characters is None else characters
     grouped = _group(characters, str(half))
     arrays = [decode_image(f, 1) for _, files in grouped for f in files]
     return (preprocess_list(arrays, image_size, invert=True),
@@ -98,7 +178,7 @@ def read_zip(path: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, l
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as error:
-        raise ValueError(f"cannot read zip {path}: {error}") from None
+        raise ValueError(f"cannot read zip {path}: {error} (an interrupted download? download it again)") from None
     with archive:
         characters: dict[str, list[str]] = {}
         for entry in archive.namelist():
@@ -112,6 +192,7 @@ def read_zip(path: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, l
                 characters.setdefault("/".join(parts[1:3]), []).append(entry)
         if not characters:
             raise ValueError(f"no <alphabet>/<character>/*.png entries in zip {path}")
+        check_complete(path.stem, characters, str(path))
         grouped = _group(characters, str(path))
         arrays = []
         for _, files in grouped:
@@ -212,14 +293,18 @@ class OmniglotDataModule(ImageEpisodicDataModule):
     def load_all(self) -> dict[str, Any]:
         """All characters (background, then evaluation) as uint8 ``[N, 1, S, S]``, ink = 255; cached."""
         sources = self.find_sources()
+        folders = {h: list_folder(p) for h, (layout, p) in sources.items() if layout == "folder"}
+        # a folder is keyed on every file inside it (its own mtime changes only with its entries)
         key = fingerprint("omniglot", self.image_size,
-                          [(h, layout, *file_stamp(p)) for h, (layout, p) in sorted(sources.items())])
+                          [(h, layout, p.name, folder_stamps(folders[h])) if h in folders else (h, layout, *file_stamp(p))
+                           for h, (layout, p) in sorted(sources.items())])
         path = cache_file(self.root, self.cache_dir, f"omniglot_{self.image_size}px")
         cached = load_cache(path, key)
         if cached is not None:
             return cached
-        readers = {"folder": read_folder, "zip": read_zip, "npz": read_npz}
-        parts = [readers[layout](p, self.image_size) for layout, p in (sources[h] for h in HALVES)]
+        readers = {"zip": read_zip, "npz": read_npz}
+        parts = [read_folder(sources[h][1], self.image_size, folders[h]) if h in folders
+                 else readers[sources[h][0]](sources[h][1], self.image_size) for h in HALVES]
         data = {
             "version": CACHE_VERSION,
             "key": key,
