@@ -144,13 +144,16 @@ def signature_defaults(cls: type) -> dict[str, Any]:
     written; their defaults keep the old behaviour, so ``train.py test --config <config that
     sets a newer option> --ckpt_path <older checkpoint>`` fills them from here, not the config."""
     defaults: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
+    for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
-        for name, parameter in inspect.signature(init).parameters.items():
+        parameters = inspect.signature(init).parameters
+        for name, parameter in parameters.items():
             if parameter.default is not inspect.Parameter.empty and name != "self":
-                defaults[name] = parameter.default
+                defaults.setdefault(name, parameter.default)  # the subclass's default wins
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            break  # a base's arguments are reachable only through **kwargs
     return defaults
 
 
