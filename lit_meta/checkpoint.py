@@ -18,11 +18,14 @@ checkpoint holds instead (a plain ``state_dict``, another dict, a tensor);
 :func:`read_hparams` / :func:`check_task_spec` read what a checkpoint was trained with
 (the LightningCLI hparams, among them the data's ``task_spec``); :func:`load_checkpoint`
 rebuilds the saved model (its own class, from ``_class_path``). Classes that moved since
-a checkpoint was written are found at their new place (:data:`MOVED_MODULES`).
+a checkpoint was written are found at their new place (:data:`MOVED_MODULES`). Options
+added to a class after a checkpoint was written take their defaults for it
+(:func:`signature_defaults`), which keep the behaviour the checkpoint was trained with.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 import uuid
@@ -261,6 +264,25 @@ def saved_class(path: str | os.PathLike, hparams: dict[str, Any] | None = None) 
         return getattr(importlib.import_module(module), name)
     except Exception as error:  # noqa: BLE001 - a class that no longer exists, hparams without one
         raise ValueError(f"cannot load a lit_meta model from checkpoint {path}: {error!r}") from None
+
+
+def signature_defaults(cls: type) -> dict[str, Any]:
+    """Every constructor argument of ``cls`` and its bases (followed through ``**kwargs``)
+    that has a default, with it. A checkpoint's hparams lack the options added after it was
+    written; their defaults keep the old behaviour, so ``train.py test --config <config that
+    sets a newer option> --ckpt_path <older checkpoint>`` fills them from here, not the config."""
+    defaults: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters
+        for name, parameter in parameters.items():
+            if parameter.default is not inspect.Parameter.empty and name != "self":
+                defaults.setdefault(name, parameter.default)  # the subclass's default wins
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            break  # a base's arguments are reachable only through **kwargs
+    return defaults
 
 
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu",

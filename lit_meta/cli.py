@@ -6,7 +6,14 @@
 - Every fit ends by meta-testing the best checkpoint (``--test_after_fit false`` to
   skip), writes ``results.json`` beside the checkpoints and prints ``results: <path>``
   last; a fit the divergence guard stopped (:mod:`lit_meta.nonfinite`) records that in
-  ``results.json``, then ends with one ``error:`` line.
+  ``results.json``, then ends with one ``error:`` line. results.json holds the test
+  metrics with the test curve (``test/acc_by_step`` or ``test/mse_by_step``: after each
+  inner step 0..eval_inner_steps, the last entry the reported metric), the evaluation
+  ``protocol`` (queries per class, BN mode, test-time steps, ...) and the validation curve
+  over training (``val_curve``: step, wall-clock seconds, metrics). Under W&B the two
+  curves are also logged as W&B line plots.
+- Progress: a bar in an interactive terminal; otherwise (a SLURM log, a pipe) or with
+  ``trainer.enable_progress_bar: false``, plain lines (``lit_meta.callbacks.ProgressLog``).
 - Checkpoints are written by :class:`lit_meta.checkpoint.AtomicCheckpointIO`, whatever
   ``--trainer.plugins`` add, unless they bring a checkpoint writer of their own.
 - ``--ckpt_path`` must hold a lit_meta checkpoint of the configured algorithm and task
@@ -26,6 +33,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
 from lit_meta.algorithms.meta_module import MetaModule
+from lit_meta.callbacks import ProgressLog
 from lit_meta.checkpoint import (
     SPECIAL_PATHS,
     atomic_write,
@@ -34,6 +42,7 @@ from lit_meta.checkpoint import (
     describe_os_error,
     read_hparams,
     saved_class,
+    signature_defaults,
     use_atomic_checkpoints,
 )
 from lit_meta.data.base import EpisodicDataModule
@@ -79,8 +88,10 @@ class MetaCLI(LightningCLI):
         if not hparams:
             return
         if "_class_path" in hparams:
-            saved_class(path, hparams)  # importable, or one line saying why
+            cls = saved_class(path, hparams)  # importable, or one line saying why
             check_same_class(path, hparams["_class_path"], self.config[subcommand].get("model"))
+            # options newer than the checkpoint: their defaults (its behaviour), not the config's
+            hparams = {**{k: v for k, v in signature_defaults(cls).items() if k != "task_spec"}, **hparams}
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         try:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
@@ -105,7 +116,13 @@ class MetaCLI(LightningCLI):
                 init["version"] = f"slurm_{job}"
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # A bar only where someone watches it: in a log file it is noise (and on a GPU it
+        # reads the logged values every step); plain progress lines there instead.
+        if not (sys.stdout.isatty() and sys.stderr.isatty()):
+            kwargs["enable_progress_bar"] = False
         trainer = super().instantiate_trainer(**kwargs)
+        if trainer.progress_bar_callback is None:
+            trainer.callbacks.append(ProgressLog())
         # here, not as a default plugin: a user's --trainer.plugins list would replace that
         # (a kill -9 mid-save must not destroy the last complete checkpoint)
         use_atomic_checkpoints(trainer)
@@ -144,19 +161,28 @@ class MetaCLI(LightningCLI):
         if not trainer.is_global_zero:
             return
         run_dir = Path(checkpoint.dirpath).parent
+        extra = model.results_extra()
+        if metrics:
+            metrics.update(getattr(model, "curves", {}))  # test/acc_by_step: the last entry is test/acc
+        protocol = {key: extra[key] for key in ("bn", "test/adapt_steps", "test/inner_batch_size") if key in extra}
+        if hasattr(dm, "protocol"):
+            protocol.update(dm.protocol())
         payload = {
             "algorithm": model.algorithm_name,
             "dataset": model.task_spec.get("dataset"),
             "metrics": metrics,
+            "protocol": protocol,
             "train/steps": trainer.global_step,
             "train/seconds": round(seconds, 3),
             "best_checkpoint": str(Path(best).resolve()),
             "last_checkpoint": str(last.resolve()),
+            "val_curve": list(getattr(model, "val_history", [])),
         }
-        payload.update(model.results_extra())
+        payload.update(extra)
         payload.update(model.divergence_report())
         path = run_dir / "results.json"
         atomic_write(path, lambda handle: handle.write(json.dumps(payload, indent=2).encode()))
+        _log_curves_to_wandb(trainer, payload)
         for logger in trainer.loggers:
             logger.finalize("success")
         _finish_wandb()
@@ -196,6 +222,34 @@ def check_world_size(trainer: Any, datamodule: Any) -> None:
     if world > 1 and tasks is not None and tasks % world:
         raise ValueError(f"model.meta_batch_size={tasks} is not divisible by the {world} processes "
                          f"(trainer.devices x trainer.num_nodes): each process adapts an equal share of the meta-batch")
+def _log_curves_to_wandb(trainer: Any, results: dict[str, Any]) -> None:
+    """The test adaptation curve and the validation curve as W&B tables and line plots."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if not loggers:
+        return
+    import wandb
+
+    for logger in loggers:
+        run, plots = logger.experiment, {}
+        for key, values in results["metrics"].items():
+            if key.endswith("_by_step"):
+                metric = key.split("/")[1].removesuffix("_by_step")
+                table = wandb.Table(columns=["inner step", metric], data=[[k, v] for k, v in enumerate(values)])
+                plots[f"{key}_plot"] = wandb.plot.line(table, "inner step", metric,
+                                                       title=f"test {metric} after k inner steps")
+        val = results.get("val_curve") or []
+        if val:
+            names = sorted({k for row in val for k in row} - {"step", "wall_s"})
+            table = wandb.Table(columns=["step", "wall_s", *names],
+                                data=[[row.get("step"), row.get("wall_s"), *(row.get(n) for n in names)] for row in val])
+            plots["val/curve"] = table
+            for name in names:
+                if name.endswith(("acc", "mse_after")):
+                    plots[f"{name}_vs_time"] = wandb.plot.line(table, "wall_s", name, title=f"{name} over training")
+        if plots:
+            run.log(plots)
 
 
 def _finish_wandb() -> None:

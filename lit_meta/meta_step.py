@@ -5,9 +5,10 @@
 2. It weights the tasks: ``uniform`` (the mean) or ``gradient_agreement``
    (Eshratifar et al. 2018, "Gradient Agreement as an Optimization Objective for
    Meta-Learning"): w_i = Σ_j g_i·g_j / Σ_k Σ_j |g_k·g_j|.
-3. It writes ``.grad`` = Σ_i w_i × (task i's outer gradient) and steps the meta-optimizer
-   through the divergence guard (:mod:`lit_meta.nonfinite`): a step whose meta-loss or
-   resulting weights are not finite is undone on the device and counted.
+3. It writes ``.grad`` = Σ_i w_i × (task i's outer gradient), clips it (by norm and/or by
+   value) and steps the meta-optimizer through the divergence guard
+   (:mod:`lit_meta.nonfinite`): a step whose meta-loss or resulting weights are not finite
+   is undone on the device and counted.
 
 Weights are detached, so for losses the weighted meta-gradient is one backward pass of
 Σ_i w_i L_i. Under DDP the weights are global: the updates of all ranks are gathered
@@ -72,13 +73,18 @@ def task_weights(weighting: str, inner_updates: Tensor | None, num_local: int,
 
 
 class MetaStep:
-    def __init__(self, weighting: str = "uniform", grad_clip: float | None = None, max_nonfinite: int = 10) -> None:
+    def __init__(self, weighting: str = "uniform", grad_clip: float | None = None,
+                 grad_clip_value: float | None = None, max_nonfinite: int = 10) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if grad_clip is not None and grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0, got {grad_clip}")
+        if grad_clip_value is not None and grad_clip_value <= 0:
+            raise ValueError(f"grad_clip_value must be > 0, got {grad_clip_value}")
         self.weighting = weighting
         self.grad_clip = grad_clip
+        # each gradient entry clamped to ±value (cbfinn/maml and HowToTrainYourMAMLPytorch on miniImageNet: 10)
+        self.grad_clip_value = grad_clip_value
         self._skipped: Tensor | int = 0  # a device tensor under 16-mixed: no host sync per step
         self.guard = NonFiniteGuard(max_nonfinite)
         self._standalone_steps = 0  # the step index outside a Trainer
@@ -157,10 +163,13 @@ class MetaStep:
     def finish(self, module: "pl.LightningModule", optimizer: torch.optim.Optimizer, weights: Tensor) -> None:
         """Clip, step the meta-optimizer, log the weights."""
         scaler = _grad_scaler(module) if module._trainer is not None else None
-        if self.grad_clip is not None:
+        if self.grad_clip is not None or self.grad_clip_value is not None:
             if scaler is not None:
                 scaler.unscale_(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
-            torch.nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
+            if self.grad_clip_value is not None:
+                torch.nn.utils.clip_grad_value_(module.parameters(), self.grad_clip_value)
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
         scale = getattr(scaler, "_scale", None)
         scale = scale.clone() if scale is not None else None
         if module._trainer is not None:

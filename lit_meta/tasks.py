@@ -11,8 +11,9 @@ dimension, so the inner loop can ``vmap`` over it:
 Class ids are episode-local (``0..ways-1``), as in Finn et al. 2017.
 
 Subclasses add fields with the same leading ``tasks`` dimension (e.g.
-``lit_meta.data.optimizees.OptimizeeBatch``'s starting points); ``to``, ``slice`` and
-``cat`` act on every field and return the subclass.
+``lit_meta.data.optimizees.OptimizeeBatch``'s starting points, or
+:class:`LabelledTaskBatch`'s global class indices); ``to``, ``slice`` and ``cat`` act on
+every field and return the subclass.
 """
 from __future__ import annotations
 
@@ -62,6 +63,18 @@ class TaskBatch:
     @classmethod
     def cat(cls: type[Batch], batches: list[Batch]) -> Batch:
         return cls(*(torch.cat([getattr(b, f.name) for b in batches]) for f in fields(cls)))
+
+
+@dataclass
+class LabelledTaskBatch(TaskBatch):
+    """A :class:`TaskBatch` that also says which class of the split each example is: the
+    index of its class among the split's classes (rotated copies counting as classes of
+    their own), ``[tasks, n_support]`` and ``[tasks, n_query]``, int64. An image DataModule
+    gives these training batches when its ``global_labels`` is set: the transfer baseline
+    pre-trains one classifier over all training classes with them (Ravi & Larochelle 2017)."""
+
+    support_classes: Tensor
+    query_classes: Tensor
 
 
 def task_spec(

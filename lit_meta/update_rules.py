@@ -9,6 +9,8 @@ step, inside ``vmap``, so rules are pure functions of tensors.
 - :class:`Adam` (Kingma & Ba 2015; β1 = 0 for Reptile, Nichol et al. 2018),
   :class:`RMSprop` (Tieleman & Hinton 2012) and :class:`NAG` (Nesterov momentum, Sutskever
   et al. 2013), each as its ``torch.optim`` namesake computes it.
+- :class:`CarryForward`: a rule on per-step parameters (MAML++'s per-step BatchNorm
+  weights) whose step ``k`` update reaches the rows the later steps read.
 - :data:`HAND_DESIGNED`: these four by name, from a learning rate with torch.optim's
   defaults (the baselines a learned optimizer is compared against, Andrychowicz et al. 2016).
 
@@ -86,7 +88,12 @@ class SGD:
 
 @dataclass
 class Adam:
-    """Adam on the inner loop, as Reptile uses (Nichol et al. 2018 use β1 = 0)."""
+    """Adam on the inner loop, as Reptile uses (Nichol et al. 2018 use β1 = 0).
+
+    Its state is ``(m, v)``, fresh for every task, with the bias correction of inner step
+    ``step``; or ``(m, v, t)`` with ``t`` the number of updates before (a tensor), for a
+    state carried over from earlier tasks (supervised-reptile keeps one Adam optimizer for
+    the inner loop for all of training: ``Reptile(persistent_inner_state=True)``)."""
 
     lr: float
     betas: tuple[float, float] = (0.0, 0.999)
@@ -101,10 +108,10 @@ class Adam:
     def with_tensors(self, tensors: Params) -> Adam:
         return self
 
-    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: tuple[Params, Params]):
+    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: tuple[Any, ...]):
         b1, b2 = self.betas
-        m, v = state
-        t = step + 1
+        m, v = state[0], state[1]
+        t = state[2] + 1 if len(state) == 3 else step + 1
         m = {n: b1 * m[n] + (1 - b1) * g for n, g in grads.items()}
         v = {n: b2 * v[n] + (1 - b2) * g * g for n, g in grads.items()}
         new = {}
@@ -112,7 +119,7 @@ class Adam:
             m_hat = m[n] / (1 - b1**t)
             v_hat = v[n] / (1 - b2**t)
             new[n] = p - self.lr * m_hat / (v_hat.sqrt() + self.eps)
-        return new, (m, v)
+        return new, ((m, v, t) if len(state) == 3 else (m, v))
 
 
 @dataclass
@@ -144,6 +151,41 @@ class NAG:
     def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: Params):
         b = {n: self.momentum * state[n] + g for n, g in grads.items()}
         return {n: p - self.lr * (grads[n] + self.momentum * b[n]) for n, p in params.items()}, b
+
+
+@dataclass
+class CarryForward:
+    """``rule`` on parameters of which some (``names``) hold one row per inner step
+    (MAML++'s per-step BatchNorm weights, BNWB): step ``k`` reads row ``k`` and its gradient
+    is in that row alone, so a plain update of row ``k`` would be read by no later step.
+    Here the step taken from row ``k``'s gradient is applied to row ``k`` and every later
+    row, so the adapted value is what the later steps and the query read."""
+
+    rule: UpdateRule
+    names: frozenset[str]
+
+    def init_state(self, params: Params) -> Any:
+        return self.rule.init_state(params)
+
+    @property
+    def not_recomputable(self) -> str | None:
+        return getattr(self.rule, "not_recomputable", None)
+
+    def tensors(self) -> Params:
+        return self.rule.tensors()
+
+    def with_tensors(self, tensors: Params) -> CarryForward:
+        return replace(self, rule=self.rule.with_tensors(tensors))
+
+    def __call__(self, step: int, params: Params, grads: Params, loss: Tensor, state: Any) -> tuple[Params, Any]:
+        carried = {}
+        for n, g in grads.items():
+            if n in self.names:
+                row = min(step, g.shape[0] - 1)
+                later = (torch.arange(g.shape[0], device=g.device) >= row).to(g.dtype)
+                g = later.view(-1, *([1] * (g.dim() - 1))) * g[row].unsqueeze(0)
+            carried[n] = g
+        return self.rule(step, params, carried, loss, state)
 
 
 HAND_DESIGNED: dict[str, Callable[[float], UpdateRule]] = {

@@ -183,7 +183,7 @@ def test_non_transductive_evaluation_predicts_each_query_beside_the_support_set(
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "gradient_agreement"])
-@pytest.mark.parametrize("cls,kw", [(MAML, {}), (MetaSGD, {}), (MAMLpp, {"bnrs": True, "bnwb": True})],
+@pytest.mark.parametrize("cls,kw", [(MAML, {}), (MetaSGD, {}), (MAMLpp, {"bnrs": True, "bnwb": True, "adapt_bn": True})],
                          ids=["maml", "metasgd", "mamlpp"])
 def test_task_chunks_give_the_whole_batch_meta_step(cls, kw, weighting):
     """Back-propagating 5 tasks in chunks of 2 writes the same second-order meta-gradient

@@ -87,11 +87,13 @@ def test_data_part_composes_with_an_algorithm_config(part, roots, tmp_path, monk
 
     monkeypatch.chdir(tmp_path)
     dataset = part.split("/")[0]
+    # reptile_5w1s.yaml trains on 15 shots per class (the Reptile paper's); the miniatures have 2-4 images a class
     cli = MetaCLI(args=["--config", str(REPO / "configs" / "miniimagenet" / "reptile_5w1s.yaml"),
-                        "--config", str(REPO / "configs" / part), *data_args(dataset, roots)], run=False)
+                        "--config", str(REPO / "configs" / part), *data_args(dataset, roots), "--data.shots", "1"],
+                  run=False)
     model, dm = cli.model, cli.datamodule
     assert dm.name == dataset and model.task_spec["dataset"] == dataset and model.algorithm == "reptile"
-    assert (dm.ways, dm.shots, dm.eval_batch_size, dm.val_tasks) == (5, 1, 10, 100)  # from reptile_5w1s.yaml
+    assert (dm.ways, dm.eval_shots, dm.eval_batch_size, dm.val_tasks) == (5, 1, 10, 100)  # from reptile_5w1s.yaml
     model.meta_batch_size = dm.meta_batch_size = 2
     dm.setup("fit")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -33,12 +33,17 @@ def test_paper_config_hyperparameters(name, values):
     ways, shots = name.split("_")[-1].split("w")
     assert data["ways"] == int(ways) and data["shots"] == int(shots.rstrip("s"))
     assert data["test_tasks"] == 600
+    # cbfinn/maml's network and losses (the config headers say why each differs from lit_meta's defaults)
+    finn = {"bn_scale": False, "bn_eps": 0.001, "init": "maml"}
+    assert (model["adapt_bn"], model["inner_loss_reduction"], model["meta_loss_reduction"]) == (
+        False, "sum_over_shots", "sum_over_shots")
+    assert data["eval_queries"] == int(shots.rstrip("s"))  # its test: K queries per class
     if name.startswith("miniimagenet"):
-        assert model["backbone_kwargs"] == {"filters": 32, "max_pool": True}
-        assert data["queries"] == 15
+        assert model["backbone_kwargs"] == {"filters": 32, "max_pool": True, **finn}
+        assert data["queries"] == 15 and model["grad_clip_value"] == 10 and data["mean"] == [0, 0, 0]
     else:
-        assert model["backbone_kwargs"] == {"filters": 64, "max_pool": False}
-        assert data["split"] == "finn" and data["image_size"] == 28
+        assert model["backbone_kwargs"] == {"filters": 64, "max_pool": False, "head_pool": "mean", **finn}
+        assert data["split"] == "finn" and data["image_size"] == 28 and data["eval_rotations"] is True
 
 
 QUICK = str(REPO / "configs" / "omniglot" / "quick_5w1s.yaml")
@@ -120,7 +125,7 @@ def test_checkpoint_meta_tests_on_another_datamodule(run_cli, capsys, tmp_path):
 
     model = load_checkpoint(ckpt)
     dm = OmniglotDataModule(str(root), split="lake", meta_batch_size=4, val_tasks=2, test_tasks=6, eval_batch_size=3,
-                            eval_queries=2)
+                            eval_queries=2, eval_rotations=True)  # the quick config's test protocol
     dm.setup("test")
     assert set(dm.pools["test"].names) == {f"images_evaluation/{c}" for c in range(40)}
     accs = torch.cat([model.run_tasks(dm.eval_batch("test", i), model.eval_inner_steps, first_order=True,

@@ -5,7 +5,28 @@ and defines, as overridable hooks, what one task does; the per-task computation 
 calls them, ``vmap``-ed over a meta-batch, is :mod:`lit_meta.algorithms.episodic`. The
 meta-optimizer, schedule, meta-step and checkpoint plumbing come from
 :class:`~lit_meta.algorithms.meta_module.MetaModule`; evaluation reports the mean and
-95% CI over the fixed test tasks (:mod:`lit_meta.metrics`).
+95% CI over the fixed test tasks (:mod:`lit_meta.metrics`), and on the test tasks the
+metric after every inner step (``test/acc_by_step`` / ``test/mse_by_step``).
+
+Options where the authors' code differs from lit_meta's first choices (each default keeps
+the first behaviour, so old checkpoints and configs behave as before; the paper configs
+set the reference values and say so in their headers):
+
+- ``inner_loss_reduction`` / ``meta_loss_reduction``: ``mean`` cross-entropy, or
+  ``sum_over_shots``: Σ over the examples of CE / K, K the shots per class, which is
+  cbfinn/maml's ``xent`` (``softmax_cross_entropy_with_logits / update_batch_size``, summed
+  by ``tf.gradients`` and ``reduce_sum``). For N-way episodes the inner loss is then N × the
+  mean (so α = 0.4 there is α = 2.0 on the mean), and the meta-loss (n_query / K) × the
+  mean, which Adam's update does not see (up to its ε) but a gradient clip does.
+  Regression keeps the mean (cbfinn/maml's ``mse`` is a mean).
+- ``adapt_bn``: whether BatchNorm's weight and bias adapt in the inner loop (cbfinn/maml and
+  HowToTrainYourMAMLPytorch keep them out of the inner loop; the outer loop learns them).
+- ``transductive``: ``true`` (the query batch's own statistics), ``false`` (each query
+  example beside the support set, Nichol et al. 2018) or ``support`` (the query normalised
+  with the support set's statistics, Ravi & Larochelle 2017's test-time batch norm).
+- ``inner_batch_size`` / ``eval_inner_batch_size``: each inner step trains on a mini-batch
+  of that many support examples, drawn per step without replacement within a pass (Reptile's
+  ``_mini_batches``); null: the whole support set every step.
 """
 from __future__ import annotations
 
@@ -20,12 +41,17 @@ from torch.func import functional_call, vmap
 from lit_meta.algorithms.episodic import adapt_task, outer_update_in_chunks, run_tasks
 from lit_meta.algorithms.meta_module import MetaModule
 from lit_meta.compile import TaskCompiler
+from lit_meta.data.base import derive_seed
 from lit_meta.inner import Adapted, Params
 from lit_meta.inner_checkpoint import recompute_problem
-from lit_meta.metrics import mean_ci95
+from lit_meta.metrics import mean_ci95, moments
 from lit_meta.models import build_network
+from lit_meta.models.layers import PerStepBatchNorm
 from lit_meta.tasks import TaskBatch
 from lit_meta.update_rules import SGD, UpdateRule
+
+LOSS_REDUCTIONS = ("mean", "sum_over_shots")
+BN_MODES = {True: "transductive", False: "per_example", "support": "support"}
 
 
 class MetaLearner(MetaModule):
@@ -35,12 +61,16 @@ class MetaLearner(MetaModule):
 
     - what adapts: ``adapt_names()`` (ANIL: the head), ``inner_params()``;
     - how it adapts: ``update_rule(training)`` (Meta-SGD, MAML++, Reptile, Meta-LSTM),
-      ``first_order_at(training)`` (MAML++: derivative-order annealing);
+      ``initial_rule_state(training)`` (Reptile: the inner Adam state carried across
+      meta-steps), ``first_order_at(training)`` (MAML++: derivative-order annealing),
+      ``support_loss_fn`` (Meta-LSTM: the gradient divided by the batch size again);
     - what a task contributes: ``trace_inner(training)``, ``query_objective(...)`` (MAML++:
       multi-step loss), ``extra_task_outputs(...)`` and ``absorb_task_outputs(out)`` (MAML++:
-      per-step BN statistics out of vmap, into the buffers), ``predict(...)`` (MAML++: BNRS),
-      ``forward_fn``, ``loss_fn``, ``accuracy``;
+      per-step BN statistics out of vmap, into the buffers; Reptile: the inner Adam state),
+      ``predict(...)`` and ``query_step(step)`` (MAML++: BNRS, the per-step BN slot the query
+      reads), ``forward_fn``, ``loss_fn``, ``accuracy``;
     - the meta-step: ``outer_update(batch)`` (Reptile, Transfer);
+    - loading: ``before_load_state(state_dict)`` (Transfer: its classifier, sized by the data);
     - evaluation and adaptation to a new task (``lit_meta.adapt``): ``evaluation_mode(on)``
       (MAML++: per-step running statistics), ``set_inner_lr(lr)`` (Meta-SGD, MAML++: the
       learned rates; Meta-LSTM: refuses), ``resize_head(ways)`` (Meta-SGD: the head's rates);
@@ -66,10 +96,17 @@ class MetaLearner(MetaModule):
         weighting: str = "uniform",
         grad_clip: float | None = None,
         task_chunk_size: int | None = None,
-        transductive: bool = True,
+        transductive: bool | str = True,
         inner_checkpointing: bool = False,
         compile_tasks: str | None = None,
         max_nonfinite: int = 10,
+        grad_clip_value: float | None = None,
+        min_lr: float = 0.0,
+        inner_loss_reduction: str = "mean",
+        meta_loss_reduction: str = "mean",
+        adapt_bn: bool = True,
+        inner_batch_size: int | None = None,
+        eval_inner_batch_size: int | None = None,
     ) -> None:
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
             raise ValueError(f"inner_steps/eval_inner_steps must be >= 0, got {inner_steps}/{eval_inner_steps}")
@@ -79,7 +116,18 @@ class MetaLearner(MetaModule):
             raise ValueError(f"meta_batch_size must be >= 1, got {meta_batch_size}")
         if task_chunk_size is not None and task_chunk_size < 1:
             raise ValueError(f"task_chunk_size must be >= 1 or null, got {task_chunk_size}")
-        super().__init__(task_spec, meta_optimizer, meta_lr, lr_schedule, weighting, grad_clip, max_nonfinite)
+        for option, value in (("inner_loss_reduction", inner_loss_reduction),
+                              ("meta_loss_reduction", meta_loss_reduction)):
+            if value not in LOSS_REDUCTIONS:
+                raise ValueError(f"{option} must be one of {LOSS_REDUCTIONS}, got {value!r}")
+        if transductive not in BN_MODES:
+            raise ValueError(f"transductive must be true, false or 'support', got {transductive!r}")
+        for option, value in (("inner_batch_size", inner_batch_size), ("eval_inner_batch_size", eval_inner_batch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{option} must be an integer >= 1 or null, got {value!r}")
+        super().__init__(task_spec, meta_optimizer, meta_lr, lr_schedule, weighting, grad_clip,
+                         grad_clip_value=grad_clip_value, min_lr=min_lr,
+                         max_nonfinite=max_nonfinite)
         self.save_hyperparameters()
         self.net = build_network(backbone, task_spec, **(backbone_kwargs or {}))
         self.inner_lr = inner_lr
@@ -93,18 +141,34 @@ class MetaLearner(MetaModule):
         # Steps along the inner loop: keep only each step's parameters and recompute a
         # second-order step in the outer backward; the same gradient, memory flat in steps.
         self.inner_checkpointing = inner_checkpointing
-        # Transductive: the query set is normalised with its own batch statistics (as the
-        # MAML papers evaluated). Otherwise each query example is predicted alone beside
-        # the support set (Nichol et al. 2018), or with per-step running statistics.
-        self.transductive = transductive
+        # How evaluation normalises the query (the module docstring): transductive (the MAML
+        # papers), each example beside the support set (Reptile), or the support set's statistics.
+        self.bn_mode = BN_MODES[transductive]
+        self.transductive = self.bn_mode == "transductive"
         # torch.compile of the paths with no backward through the inner gradients (lit_meta.compile)
         self.task_compiler = TaskCompiler(compile_tasks)
         self.regression = task_spec["kind"] == "regression"
+        self.inner_loss_reduction, self.meta_loss_reduction = inner_loss_reduction, meta_loss_reduction
+        self.adapt_bn = adapt_bn
+        self.inner_batch_size, self.eval_inner_batch_size = inner_batch_size, eval_inner_batch_size
+        # seed the inner mini-batch schedule: the step (0 in evaluation) and the global index
+        # of the batch's first task, so that the rows do not depend on the number of ranks
+        self.schedule_index = 0
+        self.schedule_offset = 0
+        self.eval_split = "val"
+        self.curves: dict[str, list[float]] = {}  # test/acc_by_step and friends, after a test epoch
 
     # ------------------------------------------------------------------ what adapts, and how
     def adapt_names(self) -> list[str]:
-        """Names (in ``inner_params``) that the inner loop adapts. All, for MAML."""
-        return [n for n, _ in self.net.named_parameters()]
+        """Names (in ``inner_params``) that the inner loop adapts. All, for MAML (BatchNorm's
+        weight and bias only with ``adapt_bn``)."""
+        frozen = set() if self.adapt_bn else self.norm_parameter_names()
+        return [n for n, _ in self.net.named_parameters() if n not in frozen]
+
+    def norm_parameter_names(self) -> set[str]:
+        """The network's BatchNorm weights and biases."""
+        return {f"{m}.{p}" for m, module in self.net.named_modules() if isinstance(module, PerStepBatchNorm)
+                for p, _ in module.named_parameters(recurse=False)}
 
     def inner_params(self) -> Params:
         return dict(self.net.named_parameters())
@@ -112,8 +176,41 @@ class MetaLearner(MetaModule):
     def update_rule(self, training: bool) -> UpdateRule:
         return SGD(self.inner_lr)
 
+    def initial_rule_state(self, training: bool) -> Any:
+        """The update rule's state at the first inner step of every task; None: the rule's fresh one."""
+        return None
+
     def first_order_at(self, training: bool) -> bool:
         return self.first_order or not training
+
+    def inner_schedule(self, support_x: Tensor, steps: int, training: bool) -> Tensor | None:
+        """``[tasks, steps, batch]`` rows of the support sets ``support_x`` (``[tasks, n, ...]``) for each inner step (``inner_batch_size``), or None.
+
+        Each task's rows are a stream of random permutations of its support set, cut into
+        consecutive mini-batches (supervised-reptile's ``_mini_batches``: no example repeats
+        within a pass). Each task draws from its own generator, seeded by (data seed, split,
+        step, global task index): in training the step and the task's place in the global
+        meta-batch, in evaluation the task's index among the split's fixed tasks. So a resumed
+        run and any world size draw the same rows for the same task."""
+        size = self.inner_batch_size if training else self.eval_inner_batch_size
+        if size is None or steps == 0:
+            return None
+        tasks, n = support_x.shape[:2]
+        seed = getattr(getattr(self._trainer, "datamodule", None), "seed", 0) if self._trainer is not None else 0
+        split = "train" if training else self.eval_split
+        total = steps * size
+        passes = -(-total // n)
+        draws = []
+        for task in range(tasks):
+            generator = torch.Generator().manual_seed(
+                derive_seed(seed, f"inner/{split}/{self.schedule_index}", self.schedule_offset + task))
+            draws.append(torch.rand(passes, n, generator=generator))
+        order = torch.stack(draws).argsort(-1).reshape(tasks, passes * n)
+        rows = order[:, :total].reshape(tasks, steps, size)
+        device = support_x.device
+        if device.type == "cuda":
+            return rows.pin_memory().to(device, non_blocking=True)  # no host sync
+        return rows.to(device)
 
     # ------------------------------------------------------------------ what one task computes
     def forward_fn(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
@@ -125,15 +222,52 @@ class MetaLearner(MetaModule):
             return F.mse_loss(prediction, target)
         return F.cross_entropy(prediction, target)
 
+    def support_loss_fn(self, prediction: Tensor, target: Tensor) -> Tensor:
+        """The inner loop's loss on (a mini-batch of) the support set: ``loss_fn``, or with
+        ``inner_loss_reduction: sum_over_shots`` Σ CE / K (cbfinn/maml's scale)."""
+        loss = self.loss_fn(prediction, target)
+        if self.inner_loss_reduction == "mean" or self.regression:
+            return loss
+        return loss * target.shape[0] / self.shots_per_class(target)
+
+    def meta_loss_scale(self, support_y: Tensor, query_y: Tensor) -> Tensor | float:
+        """What the per-task meta-objective is multiplied by: 1, or with ``meta_loss_reduction:
+        sum_over_shots`` n_query / K (cbfinn/maml: Σ over the query of CE / K)."""
+        if self.meta_loss_reduction == "mean" or self.regression:
+            return 1.0
+        return query_y.shape[0] / self.shots_per_class(support_y)
+
+    @staticmethod
+    def shots_per_class(labels: Tensor) -> Tensor:
+        """K of a balanced N-way K-shot support set: how many examples share the first one's
+        class (a tensor: no host sync, and it works inside ``vmap``)."""
+        return (labels == labels[0]).sum()
+
     def accuracy(self, prediction: Tensor, target: Tensor) -> Tensor:
         if self.regression:
             return torch.zeros((), device=prediction.device)
         return (prediction.argmax(-1) == target).float().mean()
 
+    def query_step(self, step: int) -> int:
+        """The network ``step`` the query is predicted with after ``step`` inner steps (per-step layers)."""
+        return step
+
     def predict(self, params: Params, support_x: Tensor, query_x: Tensor, step: int, training: bool) -> Tensor:
-        """Query predictions of (adapted) ``params``; non-transductive at evaluation if asked."""
-        if self.transductive or training:
+        """Query predictions of (adapted) ``params`` after ``step`` inner steps; at evaluation
+        BatchNorm follows ``transductive`` (the module docstring)."""
+        step = self.query_step(step)
+        if training or self.bn_mode == "transductive":
             return self.forward_fn(params, query_x, step)
+        if self.bn_mode == "support":
+            norms = [m for m in self.net.modules() if isinstance(m, PerStepBatchNorm)]
+            n = support_x.shape[0]
+            for norm in norms:
+                norm.stats_rows = n  # statistics of the support rows only; the query rows follow them
+            try:
+                return self.forward_fn(params, torch.cat([support_x, query_x]), step)[n:]
+            finally:
+                for norm in norms:
+                    norm.stats_rows = None
 
         def one(x: Tensor) -> Tensor:
             # BatchNorm sees the support set plus this one query example.
@@ -160,13 +294,17 @@ class MetaLearner(MetaModule):
     # ------------------------------------------------------------------ the meta-batch
     def adapt_task(self, params: Params, support_x: Tensor, support_y: Tensor, steps: int,
                    first_order: bool, training: bool, trace: bool = False) -> Adapted:
-        """One task's inner loop (:func:`lit_meta.algorithms.episodic.adapt_task`)."""
-        return adapt_task(self, params, support_x, support_y, steps, first_order, training, trace)
+        """One task's inner loop (:func:`lit_meta.algorithms.episodic.adapt_task`); with
+        ``eval_inner_batch_size`` (or ``inner_batch_size`` in training) on mini-batches."""
+        schedule = self.inner_schedule(support_x[None], steps, training)
+        return adapt_task(self, params, support_x, support_y, steps, first_order, training, trace,
+                          None if schedule is None else schedule[0])
 
     def run_tasks(self, batch: TaskBatch, steps: int, first_order: bool, training: bool,
-                  differentiable: bool | None = None, absorb: bool = True) -> dict[str, Any]:
+                  differentiable: bool | None = None, absorb: bool = True, query: bool = True,
+                  by_step: bool = False) -> dict[str, Any]:
         """Every task of ``batch``, vmapped (:func:`lit_meta.algorithms.episodic.run_tasks`)."""
-        return run_tasks(self, batch, steps, first_order, training, differentiable, absorb)
+        return run_tasks(self, batch, steps, first_order, training, differentiable, absorb, query, by_step)
 
     def outer_update(self, batch: TaskBatch) -> dict[str, Tensor]:
         """Adapt the batch's tasks and step the meta-optimizer. MAML: query losses.
@@ -187,37 +325,70 @@ class MetaLearner(MetaModule):
             raise ValueError(f"inner_checkpointing: {problem}")
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        # the step seeds the inner mini-batches (a resume draws the same rows); rank r adapts the
+        # tasks [r·b, (r+1)·b) of the global meta-batch
+        self.schedule_index, self.schedule_offset = self.trainer.global_step, self.global_rank * batch.num_tasks
         out = self.outer_update(batch)
         if self.logging_step():
             metric = "mse" if self.regression else "loss"
-            self.log(f"train/{metric}", out["final_query_loss"].mean(), prog_bar=True)
-            if not self.regression:
-                self.log("train/acc", out["query_acc"].mean(), prog_bar=True)
+            if "final_query_loss" in out:
+                self.log(f"train/{metric}", out["final_query_loss"].mean(), prog_bar=True)
+                if not self.regression:
+                    self.log("train/acc", out["query_acc"].mean(), prog_bar=True)
+            else:  # no query pass (Reptile): the support loss after the last inner step but one
+                self.log(f"train/support_{metric}", out["final_support_loss"].mean(), prog_bar=True)
         self.step_lr_schedule()
 
     def on_train_epoch_start(self) -> None:
         self.evaluation_mode(False)
 
     def begin_evaluation(self, split: str) -> None:
+        self.eval_split = split
+        if split == "test":
+            self.curves = {}
         self.evaluation_mode(True)
 
-    def evaluate_batch(self, batch: TaskBatch) -> None:
-        """Adapt each task for ``eval_inner_steps`` and add its query loss/accuracy before and after."""
+    def eval_task_offset(self, batch_idx: int) -> int:
+        """The index, among the split's fixed tasks, of the first task of this rank's evaluation
+        batch ``batch_idx`` (the data module's ``eval_pieces``); 0 without a Trainer."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "eval_pieces"):
+            return 0
+        pieces = dm.eval_pieces(self.eval_split, self.global_rank, self.trainer.world_size)
+        if batch_idx >= len(pieces):
+            return 0
+        chunk, start, _ = pieces[batch_idx]
+        return sum(dm.eval_chunks(self.eval_split)[:chunk]) + start
+
+    def evaluate_batch(self, batch: TaskBatch, batch_idx: int = 0) -> None:
+        """Adapt each task for ``eval_inner_steps`` and add its query loss/accuracy before and
+        after (and, on the test tasks, after every inner step)."""
         if not batch.num_tasks:  # a DDP rank with no evaluation task: nothing to add
             return
+        self.schedule_index, self.schedule_offset = 0, self.eval_task_offset(batch_idx)
+        by_step = self.eval_split == "test"
         with torch.enable_grad():
-            out = self.run_tasks(batch, self.eval_inner_steps, first_order=True, training=False)
+            out = self.run_tasks(batch, self.eval_inner_steps, first_order=True, training=False, by_step=by_step)
         values = {"loss_after": out["final_query_loss"], "loss_before": out["before_loss"]}
         if not self.regression:
             values.update(acc=out["query_acc"], acc_before=out["before_acc"])
         for key, v in values.items():
             self.eval_sums.add_moments(key, v)
+        if by_step:
+            curves = {"loss_by_step": out["loss_by_step"]}
+            if not self.regression:
+                curves["acc_by_step"] = out["acc_by_step"]
+            for key, per_step in curves.items():
+                # step by step, each a contiguous [tasks] vector as the final metric is, so the
+                # last entry's mean is the reported metric to the last bit
+                self.eval_sums.add(key, torch.stack([moments(per_step[:, k].contiguous())
+                                                     for k in range(per_step.shape[1])]))
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
-        self.evaluate_batch(batch)
+        self.evaluate_batch(batch, batch_idx)
 
     def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
-        self.evaluate_batch(batch)
+        self.evaluate_batch(batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
@@ -226,6 +397,12 @@ class MetaLearner(MetaModule):
     def evaluation_metrics(self, split: str, sums: dict[str, Tensor]) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for key, moment_sums in sums.items():
+            if key.endswith("_by_step"):
+                name = key.replace("loss", "mse" if self.regression else "loss")
+                # rounded as the logged metrics are (float32), so the last entry equals test/acc exactly
+                self.curves[f"{split}/{name}"] = [float(torch.tensor(mean_ci95(row)[0], dtype=torch.float32))
+                                                  for row in moment_sums]
+                continue
             mean, ci95, n = mean_ci95(moment_sums)
             name = {"loss_after": "mse_after" if self.regression else "loss",
                     "loss_before": "mse_before" if self.regression else "loss_before"}.get(key, key)
@@ -237,8 +414,12 @@ class MetaLearner(MetaModule):
         return metrics
 
     def results_extra(self) -> dict[str, Any]:
-        return {"bn": "transductive" if self.transductive else "non-transductive",
-                "test/adapt_steps": self.eval_inner_steps}
+        """Protocol facts for results.json: BatchNorm at evaluation, test-time steps and
+        mini-batch, and the test curves (metric after each inner step 0..steps)."""
+        bn = {"transductive": "transductive", "per_example": "non-transductive",
+              "support": "support statistics"}[self.bn_mode]
+        return {"bn": bn, "test/adapt_steps": self.eval_inner_steps,
+                "test/inner_batch_size": self.eval_inner_batch_size, **self.curves}
 
     @property
     def monitor(self) -> tuple[str, str]:
@@ -292,6 +473,7 @@ class MetaLearner(MetaModule):
         query outputs ``[n, ...]``, after ``steps`` (default ``eval_inner_steps``) steps."""
         steps = self.eval_inner_steps if steps is None else steps
         self.evaluation_mode(True)
+        self.schedule_index, self.schedule_offset = 0, 0
         params = {n: p.detach() for n, p in self.inner_params().items()}
         with torch.enable_grad():
             adapted = self.adapt_task(params, support_x, support_y, steps, first_order=True, training=False)

@@ -8,7 +8,25 @@ Each fix of the paper is its own switch, so an ablation is one config line:
 - ``first_order_epochs``: derivative-order annealing, first order for the first N epochs.
 - ``lslr``: per-layer, per-step learned inner rates (one per parameter tensor and step).
 - ``bnwb`` / ``bnrs``: per-step BatchNorm weights and biases / running statistics.
-- cosine annealing of the meta learning rate (CA) is ``lr_schedule: cosine``.
+- cosine annealing of the meta learning rate (CA) is ``lr_schedule: cosine`` (per step, to
+  ``min_lr``) or ``cosine_epochs`` (per epoch, as the reference code does).
+
+Where the reference code (AntreasAntoniou/HowToTrainYourMAMLPytorch) is followed behind an
+option (defaults keep lit_meta's first behaviour, so old checkpoints load as they were):
+
+- ``query_slot``: true (default) gives the query after the last step a per-step BN slot of
+  its own (``steps + 1`` slots); false is the reference's layout: ``steps`` slots, and the
+  query after step ``k`` is predicted with step ``k``'s slot (its
+  ``net_forward(..., num_step=num_step)`` on the target set).
+- ``adapt_bn``: whether BN weights and biases adapt in the inner loop. The reference keeps
+  them out (``enable_inner_loop_optimizable_bn_params: false``). Default (null): out with
+  ``bnwb``, in without it, which is what the first implementation did in effect: its inner
+  updates of per-step BN weights changed row ``k`` while later forwards read row ``k + 1``,
+  so they had no effect. When they do adapt, the update of step ``k`` now reaches the rows
+  the later steps and the query read (:class:`~lit_meta.update_rules.CarryForward`).
+- Per-step running statistics (``bnrs``) are those of the support forwards of the inner
+  loop, one slot per step; they are used for normalising only by non-transductive
+  evaluation (the reference's ``F.batch_norm(training=True)`` always uses the batch's).
 """
 from __future__ import annotations
 
@@ -21,7 +39,7 @@ from lit_meta.algorithms.base import MetaLearner
 from lit_meta.algorithms.learned_rates import LearnedRates
 from lit_meta.inner import Adapted
 from lit_meta.models.layers import PerStepBatchNorm
-from lit_meta.update_rules import SGD, UpdateRule
+from lit_meta.update_rules import SGD, CarryForward, UpdateRule
 
 
 def msl_importance(steps: int, epoch: int, msl_epochs: int) -> Tensor:
@@ -40,7 +58,8 @@ class MAMLpp(MetaLearner):
     algorithm = "mamlpp"
 
     def __init__(self, msl: bool = True, msl_epochs: int = 10, first_order_epochs: int = 0,
-                 lslr: bool = True, bnwb: bool = True, bnrs: bool = True, **kwargs: Any) -> None:
+                 lslr: bool = True, bnwb: bool = True, bnrs: bool = True, query_slot: bool = True,
+                 adapt_bn: bool | None = None, **kwargs: Any) -> None:
         if msl_epochs < 1:
             raise ValueError(f"msl_epochs must be >= 1, got {msl_epochs}")
         if first_order_epochs < 0:
@@ -49,8 +68,10 @@ class MAMLpp(MetaLearner):
         if (bnwb or bnrs) and len(spec.get("input_shape", [])) == 3:
             steps = max(kwargs.get("inner_steps", 1), kwargs.get("eval_inner_steps") or 0)
             kwargs["backbone_kwargs"] = {**(kwargs.get("backbone_kwargs") or {}), "bn_steps": steps,
-                                         "bn_per_step_weights": bnwb, "bn_per_step_stats": bnrs}
-        super().__init__(**kwargs)
+                                         "bn_per_step_weights": bnwb, "bn_per_step_stats": bnrs,
+                                         "bn_query_slot": query_slot}
+        super().__init__(adapt_bn=not bnwb if adapt_bn is None else adapt_bn, **kwargs)
+        self.query_slot = query_slot
         if (bnwb or bnrs) and not self.per_step_norms():
             raise ValueError("bnwb/bnrs need a backbone with BatchNorm (conv4); set them false for this data")
         self.msl, self.msl_epochs, self.first_order_epochs = msl, msl_epochs, first_order_epochs
@@ -64,7 +85,10 @@ class MAMLpp(MetaLearner):
 
     # -- LSLR
     def update_rule(self, training: bool) -> UpdateRule:
-        return SGD({n: self.inner_lrs.of(n) for n in self.adapt_names()}, per_step=True)
+        rule = SGD({n: self.inner_lrs.of(n) for n in self.adapt_names()}, per_step=True)
+        per_step = frozenset(n for n in set(self.adapt_names()) & self.norm_parameter_names()
+                             if self.net.get_parameter(n).dim() == 2)  # BNWB rows: [slots, channels]
+        return CarryForward(rule, per_step) if per_step else rule
 
     def set_inner_lr(self, inner_lr: float) -> bool:
         super().set_inner_lr(inner_lr)
@@ -92,9 +116,13 @@ class MAMLpp(MetaLearner):
         weights = self.msl_weights() if training else None
         if weights is None:
             return final_loss
-        losses = [self.loss_fn(self.forward_fn(p, query_x, k), query_y)
+        losses = [self.loss_fn(self.forward_fn(p, query_x, self.query_step(k)), query_y)
                   for k, p in enumerate(adapted.trajectory[1:], start=1)]
         return (weights.to(final_loss) * torch.stack(losses)).sum()
+
+    def query_step(self, step: int) -> int:
+        # the reference's layout: the query after k steps uses the slot of step k - 1
+        return step if self.query_slot else max(step - 1, 0)
 
     # -- BNRS: each step's batch statistics leave vmap as outputs, then fill the buffers
     def extra_task_outputs(self, adapted: Adapted, support_x: Tensor, training: bool) -> dict[str, Any]:
@@ -102,7 +130,9 @@ class MAMLpp(MetaLearner):
             return {}
         stats: dict[str, list[Tensor]] = {}
         norms = self.per_step_norms()
-        for step, params in enumerate(adapted.trajectory):
+        # the support forward of each inner step (and, with a query slot, one after the last for it)
+        trajectory = adapted.trajectory if self.query_slot else adapted.trajectory[:-1]
+        for step, params in enumerate(trajectory):
             for norm in norms.values():
                 norm.record_stats = True
             self.forward_fn({n: p.detach() for n, p in params.items()}, support_x, step)
@@ -127,5 +157,5 @@ class MAMLpp(MetaLearner):
     def predict(self, params, support_x, query_x, step, training):
         # With BNRS, non-transductive evaluation normalises with the per-step running statistics.
         if self.bnrs and self.per_step_norms():
-            return self.forward_fn(params, query_x, step)
+            return self.forward_fn(params, query_x, self.query_step(step))
         return super().predict(params, support_x, query_x, step, training)

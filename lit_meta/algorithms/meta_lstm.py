@@ -22,8 +22,23 @@ BatchNorm: the learner normalises with the statistics of the batch it sees and k
 running averages, so nothing leaks from one episode to the next: the paper's point
 (statistics are collected per meta-test dataset and erased before the next one) holds by
 construction. By default the query batch is normalised with its own statistics
-(transductive, as in the MAML line of work); ``transductive: false`` predicts each query
-example beside the support set instead, closer to the paper's support-set statistics.
+(transductive, as in the MAML line of work); ``transductive: support`` normalises it with
+the support set's statistics under the adapted weights, which is what the reference code
+(twitter/meta-learning-lstm) does in effect: its learner collects running statistics over
+the support batches of the episode (momentum 0.9, reset per episode) and switches to them
+(``learner.set('evaluate')``) for the query; ``false`` predicts each query example beside
+the support set.
+
+Two more points of the reference code, behind options whose defaults keep lit_meta's first
+behaviour:
+
+- ``gate_preactivation``: the previous f and i enter the gates before the sigmoid
+  (``meta-learner-lstm.lua`` keeps ``fS[s] = fN``, the pre-sigmoid value, and feeds it to
+  the next step), not after it.
+- ``grad_divide_by_batch``: the learner's gradient is divided by the batch size once more
+  (its ``feval`` calls ``gradParameters:div(inputs:size(1))`` on the gradient of a criterion
+  that already averages), both as the LSTM's input and in the cell update; the loss it
+  reads is not.
 """
 from __future__ import annotations
 
@@ -90,9 +105,11 @@ class MetaLSTM(MetaLearner):
         weighting: str = "uniform",
         grad_clip: float | None = 0.25,
         task_chunk_size: int | None = None,
-        transductive: bool = True,
+        transductive: bool | str = True,
         inner_checkpointing: bool = False,
         max_nonfinite: int = 10,
+        gate_preactivation: bool = False,
+        grad_divide_by_batch: bool = False,
     ) -> None:
         super().__init__(task_spec, backbone, backbone_kwargs, inner_lr=init_lr, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=first_order,
@@ -100,7 +117,16 @@ class MetaLSTM(MetaLearner):
                          lr_schedule=lr_schedule, weighting=weighting, grad_clip=grad_clip,
                          task_chunk_size=task_chunk_size, transductive=transductive,
                          inner_checkpointing=inner_checkpointing, max_nonfinite=max_nonfinite)
-        self.meta_learner = MetaLSTMCell(hidden_size, preprocess_p, init_lr, init_forget)
+        self.meta_learner = MetaLSTMCell(hidden_size, preprocess_p, init_lr, init_forget, gate_preactivation)
+        self.grad_divide_by_batch = grad_divide_by_batch
+
+    def support_loss_fn(self, prediction: Tensor, target: Tensor) -> Tensor:
+        loss = super().support_loss_fn(prediction, target)
+        if not self.grad_divide_by_batch:
+            return loss
+        # the value stays the loss (the LSTM reads it); its gradient is divided by the batch size
+        scaled = loss / target.shape[0]
+        return scaled + (loss - scaled).detach()
 
     def update_rule(self, training: bool) -> MetaLSTMRule:
         return MetaLSTMRule(self.meta_learner)

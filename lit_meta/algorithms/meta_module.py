@@ -6,12 +6,17 @@ algorithms: a network adapted per task) and
 meta-trained on optimizee functions). It owns
 
 - the meta-optimizer (Adam or SGD over ``meta_parameters()``) and its learning-rate
-  schedule (constant, cosine, linear to 0; stepped once per meta-step), also without a
-  Trainer (``standalone_optimizer``);
+  schedule (constant; cosine to ``min_lr`` over the steps; ``cosine_epochs``: cosine to
+  ``min_lr`` in steps of whole epochs, as HowToTrainYourMAMLPytorch anneals; linear to 0;
+  stepped once per meta-step), also without a Trainer (``standalone_optimizer``);
 - the shared meta-step (``self.meta_step``, :class:`~lit_meta.meta_step.MetaStep`):
-  task weighting, gradient clipping, the one backward, and the divergence guard
+  task weighting, gradient clipping (by norm, ``grad_clip``, or by value,
+  ``grad_clip_value``), the one backward, and the divergence guard
   (:mod:`lit_meta.nonfinite`), whose counters it reads on logging steps and when training
   ends (``divergence``, ``divergence_report`` for results.json);
+- the wall-clock time of fit (``elapsed_seconds``), carried across a resume in the
+  checkpoint and logged as ``train/wall_s`` with every validation, so a validation curve
+  can be drawn against time;
 - evaluation epochs: the gradient-mode check (evaluation adapts with gradients), the
   per-epoch metric sums (``self.eval_sums``, :mod:`lit_meta.metrics`) and their logging;
 - checkpointing: the best (by ``monitor``) and last checkpoint, and a one-line error when
@@ -21,10 +26,12 @@ Subclasses implement ``outer_update`` (one meta-step), ``validation_step`` /
 ``test_step`` (add to ``eval_sums``; a batch of zero tasks, which a DDP rank gets when
 there are fewer evaluation tasks than ranks, adds nothing), ``evaluation_metrics`` and
 ``monitor``; they may override ``begin_evaluation``, ``results_extra``,
-``meta_parameters``, ``algorithm_name`` and ``divergence_cause``.
+``meta_parameters``, ``algorithm_name``, ``divergence_cause`` and ``before_load_state``.
 """
 from __future__ import annotations
 
+import math
+import time
 from typing import Any, Iterator
 
 import pytorch_lightning as pl
@@ -36,7 +43,7 @@ from lit_meta.meta_step import MetaStep
 from lit_meta.metrics import MetricSums
 
 META_OPTIMIZERS = ("adam", "sgd")
-LR_SCHEDULES = ("constant", "cosine", "linear")
+LR_SCHEDULES = ("constant", "cosine", "cosine_epochs", "linear")
 
 
 class MetaModule(pl.LightningModule):
@@ -44,9 +51,11 @@ class MetaModule(pl.LightningModule):
 
     def __init__(self, task_spec: dict[str, Any], meta_optimizer: str = "adam", meta_lr: float = 1e-3,
                  lr_schedule: str = "constant", weighting: str = "uniform", grad_clip: float | None = None,
-                 max_nonfinite: int = 10) -> None:
+                 grad_clip_value: float | None = None, min_lr: float = 0.0, max_nonfinite: int = 10) -> None:
         if meta_lr <= 0:
             raise ValueError(f"meta_lr must be > 0, got {meta_lr}")
+        if not 0 <= min_lr <= meta_lr:
+            raise ValueError(f"min_lr must be in [0, meta_lr={meta_lr}], got {min_lr}")
         if meta_optimizer not in META_OPTIMIZERS:
             raise ValueError(f"meta_optimizer must be one of {META_OPTIMIZERS}, got {meta_optimizer!r}")
         if lr_schedule not in LR_SCHEDULES:
@@ -55,10 +64,14 @@ class MetaModule(pl.LightningModule):
         self.automatic_optimization = False
         self.task_spec = task_spec
         self.meta_optimizer_name, self.meta_lr, self.lr_schedule = meta_optimizer, meta_lr, lr_schedule
-        self.meta_step = MetaStep(weighting, grad_clip, max_nonfinite)
+        self.min_lr = min_lr
+        self.meta_step = MetaStep(weighting, grad_clip, grad_clip_value, max_nonfinite)
         self.divergence: dict[str, Any] | None = None  # set by the divergence guard when it stops training
         self.eval_sums = MetricSums()
         self._standalone_optimizer: torch.optim.Optimizer | None = None
+        self._fit_started: float | None = None
+        self._elapsed_before = 0.0  # seconds of fit before a resume (from the checkpoint)
+        self.val_history: list[dict[str, float]] = []  # one entry per validation of this fit
 
     # ------------------------------------------------------------------ what subclasses provide
     @property
@@ -105,7 +118,17 @@ class MetaModule(pl.LightningModule):
             return optimizer
         total = self.total_steps()
         if self.lr_schedule == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=self.min_lr)
+        elif self.lr_schedule == "cosine_epochs":
+            per_epoch = self.steps_per_epoch()
+            epochs = max(math.ceil(total / per_epoch), 1)
+            low = self.min_lr / self.meta_lr
+
+            def factor(step: int) -> float:
+                epoch = min(step // per_epoch, epochs)
+                return low + (1 - low) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         else:
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -124,6 +147,13 @@ class MetaModule(pl.LightningModule):
         if trainer is not None and trainer.max_epochs and trainer.datamodule is not None:
             return trainer.max_epochs * trainer.datamodule.steps_per_epoch
         raise ValueError("lr_schedule needs trainer.max_steps (or max_epochs with an episodic datamodule)")
+
+    def steps_per_epoch(self) -> int:
+        trainer = self._trainer
+        per_epoch = getattr(getattr(trainer, "datamodule", None), "steps_per_epoch", None)
+        if not per_epoch:
+            raise ValueError("lr_schedule cosine_epochs needs an episodic datamodule (its steps_per_epoch)")
+        return int(per_epoch)
 
     def step_lr_schedule(self) -> None:
         """Advance the schedule by one meta-step (manual optimization: Lightning does not)."""
@@ -192,6 +222,13 @@ class MetaModule(pl.LightningModule):
         if callback is not None and callback.dirpath and self.trainer.is_global_zero:
             # the temporary files of a run killed mid-save (kill -9, preemption)
             remove_orphans(callback.dirpath)
+        self._fit_started = time.perf_counter()
+
+    def elapsed_seconds(self) -> float:
+        """Wall-clock seconds of fit so far, including the runs before a resume."""
+        if self._fit_started is None:
+            return self._elapsed_before
+        return self._elapsed_before + time.perf_counter() - self._fit_started
 
     def on_validation_epoch_start(self) -> None:
         self.check_grad_mode()
@@ -205,7 +242,12 @@ class MetaModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         # reduced over ranks by eval_sums, so no sync_dist
-        self.log_dict(self.evaluation_metrics("val", self.eval_sums.reduce(self.device)), rank_zero_only=False)
+        metrics = self.evaluation_metrics("val", self.eval_sums.reduce(self.device))
+        if self._trainer is not None and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            metrics["train/wall_s"] = self.elapsed_seconds()  # the validation curve against time
+            self.val_history.append({"step": self.trainer.global_step, "wall_s": round(metrics["train/wall_s"], 3),
+                                     **{k: v for k, v in metrics.items() if k.startswith("val/")}})
+        self.log_dict(metrics, rank_zero_only=False)
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.evaluation_metrics("test", self.eval_sums.reduce(self.device)), rank_zero_only=False)
@@ -222,10 +264,16 @@ class MetaModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_guard"] = self.meta_step.guard.state_dict()
+        checkpoint["lit_meta_elapsed_s"] = self.elapsed_seconds()
+
+    def before_load_state(self, state_dict: dict[str, Tensor]) -> None:
+        """Called with a checkpoint's tensors before they are loaded (modules sized by the data may be built here)."""
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "nonfinite_guard" in checkpoint:
             self.meta_step.guard.load_state_dict(checkpoint["nonfinite_guard"])
+        self._elapsed_before = float(checkpoint.get("lit_meta_elapsed_s", 0.0))
+        self.before_load_state(checkpoint.get("state_dict", {}))
         # Lightning's own message for this is a multi-line RuntimeError after partial loading.
         own = self.state_dict()
         for name, value in checkpoint.get("state_dict", {}).items():

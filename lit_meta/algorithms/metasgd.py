@@ -2,7 +2,10 @@
 Learning").
 
 θ'_i = θ − α ⊙ ∇L_support_i(θ) with α a learned tensor of the same shape as each
-parameter, initialised to ``inner_lr`` and meta-learned with θ through the query loss.
+parameter, initialised to ``inner_lr`` (default) or, with ``inner_lr_range: [lo, hi]``,
+each entry drawn uniformly from [lo, hi] (the paper: "randomly from [0.005, 0.1]"), and
+meta-learned with θ through the query loss. The paper takes one inner step in training
+and at test.
 """
 from __future__ import annotations
 
@@ -18,10 +21,17 @@ from lit_meta.update_rules import SGD, UpdateRule
 class MetaSGD(MetaLearner):
     algorithm = "metasgd"
 
-    def __init__(self, learn_inner_lr: bool = True, **kwargs: Any) -> None:
+    def __init__(self, learn_inner_lr: bool = True, inner_lr_range: tuple[float, float] | None = None,
+                 **kwargs: Any) -> None:
+        if inner_lr_range is not None and not 0 < inner_lr_range[0] <= inner_lr_range[1]:
+            raise ValueError(f"inner_lr_range must be [low, high] with 0 < low <= high, got {list(inner_lr_range)}")
         super().__init__(**kwargs)
-        self.inner_lrs = LearnedRates({n: torch.full_like(p, self.inner_lr) for n, p in self.net.named_parameters()},
-                                      learn=learn_inner_lr)
+        if inner_lr_range is None:
+            rates = {n: torch.full_like(p, self.inner_lr) for n, p in self.net.named_parameters()}
+        else:
+            low, high = inner_lr_range
+            rates = {n: torch.empty_like(p).uniform_(low, high) for n, p in self.net.named_parameters()}
+        self.inner_lrs = LearnedRates(rates, learn=learn_inner_lr)
 
     def update_rule(self, training: bool) -> UpdateRule:
         return SGD({n: self.inner_lrs.of(n) for n in self.adapt_names()})

@@ -222,6 +222,11 @@ class FewShotDataModule(EpisodicDataModule):
             return self.ways, self.shots, self.queries
         return self.eval_ways, self.eval_shots, self.eval_queries
 
+    def protocol(self) -> dict[str, Any]:
+        """The evaluation protocol of the validation and test tasks (recorded in results.json)."""
+        return {"ways": self.eval_ways, "shots": self.eval_shots, "queries_per_class": self.eval_queries,
+                "test_tasks": self.test_tasks, "val_tasks": self.val_tasks, "seed": self.seed}
+
 
 class _StepLoader(DataLoader):
     """Resumable by construction (the stream restarts at the restored global step), so

@@ -358,7 +358,7 @@ class TieredImageNetDataModule(ImageEpisodicDataModule):
             self.setup()
         ways, shots, queries = self.episode(split)
         return sample_episodes(self.pools[split], generator, num_tasks, ways, shots, queries, self.mean, self.std,
-                               device=self.episode_device())
+                               device=self.episode_device(), labels=self.global_labels and split == "train")
 
     def spec_extra(self) -> dict[str, Any]:
         return {"resize": self.interpolation, "labels": self.labels}

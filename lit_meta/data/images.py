@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_meta.data.base import SPLITS, FewShotDataModule, check_positive
-from lit_meta.tasks import TaskBatch, task_spec
+from lit_meta.tasks import LabelledTaskBatch, TaskBatch, task_spec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes with one channel of colour
@@ -188,13 +188,17 @@ class ClassPool:
 
     With ``rotations`` every class also appears rotated by 90°, 180° and 270°, as three
     more classes (Santoro et al. 2016; Finn et al. 2017): class ``k + r*K`` is class ``k``
-    rotated ``r`` quarter turns. The rotations are applied to the sampled images only.
+    rotated ``r`` quarter turns. With ``random_turns`` each class of an episode is turned a
+    random number of quarter turns instead (the same for all its images), without more
+    classes: cbfinn/maml's data generator does this in every split, its validation and test
+    episodes included. The rotations are applied to the sampled images only.
     """
 
     images: Tensor  # uint8 [N, C, H, W], on the sampling device
     counts: Tensor  # int64 [K], on the CPU (indices are drawn there, from the step's generator)
     names: list[str]
     rotations: bool = False
+    random_turns: bool = False
 
     def __post_init__(self) -> None:
         self.counts = self.counts.cpu().long()
@@ -211,7 +215,7 @@ class ClassPool:
         return int(self.counts.min()) if len(self.counts) else 0
 
     def to(self, device: torch.device | str) -> "ClassPool":
-        return ClassPool(self.images.to(device), self.counts, self.names, self.rotations)
+        return ClassPool(self.images.to(device), self.counts, self.names, self.rotations, self.random_turns)
 
     def subset(self, classes: Sequence[int] | Tensor, rotations: bool = False) -> "ClassPool":
         """The pool of the given classes, in that order (one gather)."""
@@ -225,11 +229,13 @@ class ClassPool:
 
 def sample_episodes(pool: ClassPool, generator: torch.Generator, num_tasks: int, ways: int, shots: int,
                     queries: int, mean: Sequence[float], std: Sequence[float],
-                    device: torch.device | None = None) -> TaskBatch:
+                    device: torch.device | None = None, labels: bool = False) -> TaskBatch:
     """``num_tasks`` ways-way episodes from ``pool``: ``shots`` support and ``queries`` query images per class.
 
     Per task, ``ways`` distinct classes (in random order, which is the label permutation)
-    and ``shots + queries`` distinct images of each. Labels are episode-local ``0..ways-1``.
+    and ``shots + queries`` distinct images of each. Labels are episode-local ``0..ways-1``;
+    with ``labels`` the batch is a :class:`~lit_meta.tasks.LabelledTaskBatch` that also
+    holds each example's class index in the pool (``0..pool.num_classes-1``).
 
     Where the numbers come from (the data path on a GPU): every random number is drawn on
     the CPU from ``generator`` (the step's ``torch.Generator``), and only the resulting
@@ -257,17 +263,25 @@ def sample_episodes(pool: ClassPool, generator: torch.Generator, num_tasks: int,
     # A pool kept on the host (e.g. memory-mapped): uint8 crosses the bus (4x less than float), pinned
     device = x.device if device is None else device
     x = to_device(x, device)
-    if pool.rotations:
+    if pool.random_turns:
+        # drawn after everything else, so the episodes' classes and images are those without it
+        turns = torch.randint(0, 4, (num_tasks, ways), generator=generator)
+    if pool.rotations or pool.random_turns:
         x = rotate_quarters(x, to_device(turns, device))
     x = normalize(x, mean, std)
     image_shape = x.shape[3:]
     support_x = x[:, :, :shots].reshape(num_tasks, ways * shots, *image_shape)
     query_x = x[:, :, shots:].reshape(num_tasks, ways * queries, *image_shape)
     # expand, not repeat_interleave: older torch builds its repeats tensor on the device and reads it back
-    labels = torch.arange(ways, device=x.device)[:, None]
-    support_y = labels.expand(ways, shots).reshape(-1).expand(num_tasks, -1).contiguous()
-    query_y = labels.expand(ways, queries).reshape(-1).expand(num_tasks, -1).contiguous()
-    return TaskBatch(support_x, support_y, query_x, query_y)
+    local = torch.arange(ways, device=x.device)[:, None]
+    support_y = local.expand(ways, shots).reshape(-1).expand(num_tasks, -1).contiguous()
+    query_y = local.expand(ways, queries).reshape(-1).expand(num_tasks, -1).contiguous()
+    if not labels:
+        return TaskBatch(support_x, support_y, query_x, query_y)
+    index = to_device(classes, device)[:, :, None]  # [T, W, 1]: the pool's class index (rotations included)
+    support_classes = index.expand(num_tasks, ways, shots).reshape(num_tasks, -1)
+    query_classes = index.expand(num_tasks, ways, queries).reshape(num_tasks, -1)
+    return LabelledTaskBatch(support_x, support_y, query_x, query_y, support_classes, query_classes)
 
 
 def rotate_quarters(x: Tensor, turns: Tensor) -> Tensor:
@@ -326,7 +340,12 @@ class ImageEpisodicDataModule(FewShotDataModule):
     (``meta_batch_size``, ``seed``, ...) :class:`~lit_meta.data.base.EpisodicDataModule`'s;
     all keyword-only, reached through ``**kwargs``. Here: where the images are (``root``,
     ``cache_dir``) and the input pipeline (``image_size``, ``channels``, ``invert``,
-    ``mean`` / ``std`` per channel, defaulting to 0 / 1) and train-time ``rotations``.
+    ``mean`` / ``std`` per channel, defaulting to 0 / 1), train-time ``rotations`` (new
+    classes) and ``eval_rotations`` (validation and test classes each turned a random
+    number of quarter turns per episode, as cbfinn/maml does), and ``global_labels``
+    (training batches carry each example's class index in the split,
+    :class:`~lit_meta.tasks.LabelledTaskBatch`, for the transfer baseline's classifier; the
+    ``task_spec`` then holds ``train_classes``, which loads the pools when it is read).
     A dataset whose pipeline is fixed passes those values to ``super().__init__``
     itself (Omniglot: ``channels=1, invert=True``), so they are not options of it.
 
@@ -345,6 +364,8 @@ class ImageEpisodicDataModule(FewShotDataModule):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         rotations: bool = False,
+        eval_rotations: bool = False,
+        global_labels: bool = False,
         cache_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -361,7 +382,8 @@ class ImageEpisodicDataModule(FewShotDataModule):
         self.root = Path(root).expanduser()
         self.image_size, self.channels, self.invert = image_size, channels, invert
         self.mean, self.std = mean, std
-        self.rotations = rotations
+        self.rotations, self.eval_rotations = rotations, eval_rotations
+        self.global_labels = global_labels
         self.cache_dir = cache_dir
         self.pools: dict[str, ClassPool] = {}
 
@@ -377,9 +399,20 @@ class ImageEpisodicDataModule(FewShotDataModule):
     @property
     def task_spec(self) -> dict[str, Any]:
         shape = [self.channels, self.image_size, self.image_size]
+        extra = {"train_classes": self.num_classes("train")} if self.global_labels else {}
         return task_spec(self.name, "classification", shape, self.num_outputs,
                          image_size=self.image_size, channels=self.channels, invert=self.invert,
-                         mean=list(self.mean), std=list(self.std), **{"resize": RESIZE, **self.spec_extra()})
+                         mean=list(self.mean), std=list(self.std),
+                         **{"resize": RESIZE, **self.spec_extra(), **extra})
+
+    def num_classes(self, split: str) -> int:
+        """How many classes ``split`` has (training rotations counted as classes); loads the pools."""
+        if not self.pools:
+            self.setup()
+        return self.pools[split].num_classes
+
+    def protocol(self) -> dict[str, Any]:
+        return {**super().protocol(), "eval_rotations": self.eval_rotations}
 
     def check_root(self) -> None:
         if not self.root.exists():
@@ -409,11 +442,13 @@ class ImageEpisodicDataModule(FewShotDataModule):
                 small = pool.names[int(pool.counts.argmin())]
                 raise ValueError(f"{prefix}shots + {prefix}queries = {shots} + {queries} is more than the "
                                  f"{pool.min_count} images of class {small!r} ({split} split of {self.root})")
-        self.pools = {s: ClassPool(p.images, p.counts, p.names, s == "train" and self.rotations).to(device)
+        self.pools = {s: ClassPool(p.images, p.counts, p.names, s == "train" and self.rotations,
+                                   s != "train" and self.eval_rotations).to(device)
                       for s, p in pools.items()}
 
     def sample_tasks(self, split: str, generator: torch.Generator, num_tasks: int) -> TaskBatch:
         if not self.pools:
             self.setup()
         ways, shots, queries = self.episode(split)
-        return sample_episodes(self.pools[split], generator, num_tasks, ways, shots, queries, self.mean, self.std)
+        return sample_episodes(self.pools[split], generator, num_tasks, ways, shots, queries, self.mean, self.std,
+                               labels=self.global_labels and split == "train")

@@ -3,14 +3,26 @@ MAML", §4: BNRS and BNWB).
 
 - BNWB: one weight and bias per inner step (``per_step_weights``).
 - BNRS: one set of running statistics per inner step (``per_step_stats``).
+- ``query_slot``: whether the query forward after the last inner step has a slot of its own.
+  With it (lit_meta's first layout) there are ``steps + 1`` slots and the query after ``k``
+  steps reads slot ``k``; without it (the reference code's layout,
+  ``HowToTrainYourMAMLPytorch``: ``number_of_training_steps_per_iter`` slots) there are
+  ``steps`` slots and the query after ``k`` steps reads slot ``k − 1``, the slot of the
+  support forward it was adapted on. The algorithm picks the slot (``MAMLpp.predict``).
 
 Normalisation always uses the batch statistics during training (inside ``vmap`` nothing
 can be written to a buffer). With ``record_stats`` set, a forward leaves its batch statistics in ``last_stats``;
 the algorithm returns them out of ``vmap`` and folds the meta-batch's mean into the
 per-step buffers (``update_running_stats``). With ``use_running_stats`` set (for
 non-transductive evaluation) step ``k`` normalises with its own running statistics.
+With ``stats_rows`` set to ``n``, the statistics come from the first ``n`` rows of the
+batch only (the support set, when the query is appended after it: test-time BN of Ravi &
+Larochelle 2017, who normalise the query with statistics of the support set).
 
-With both switches off it is plain transductive batch norm (batch statistics, one weight
+Options of the MAML code (Finn et al. 2017, ``tf.contrib.layers.batch_norm`` defaults):
+``scale=False`` has no weight γ (only the bias β), and ``eps`` is 1e-3 there.
+
+With both per-step switches off it is plain transductive batch norm (batch statistics, one weight
 and bias), which every conv4 uses: unlike ``nn.BatchNorm2d`` its second-order gradients
 under ``vmap`` are exact (pytorch/functorch#534).
 """
@@ -22,20 +34,26 @@ from torch import Tensor, nn
 
 class PerStepBatchNorm(nn.Module):
     def __init__(self, num_features: int, steps: int, per_step_weights: bool = True,
-                 per_step_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5) -> None:
+                 per_step_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5, scale: bool = True,
+                 query_slot: bool = True) -> None:
         super().__init__()
-        self.slots = steps + 1  # steps 0..steps: the query forward after the last step is step `steps`
+        # steps 0..steps with a query slot; 0..steps-1 (at least one) without
+        self.slots = steps + 1 if query_slot else max(steps, 1)
         self.per_step_weights = per_step_weights
         self.per_step_stats = per_step_stats
         self.momentum, self.eps = momentum, eps
         shape = (self.slots, num_features) if per_step_weights else (num_features,)
-        self.weight = nn.Parameter(torch.ones(shape))
+        if scale:
+            self.weight = nn.Parameter(torch.ones(shape))
+        else:
+            self.register_parameter("weight", None)
         self.bias = nn.Parameter(torch.zeros(shape))
         if per_step_stats:
             self.register_buffer("running_mean", torch.zeros(self.slots, num_features))
             self.register_buffer("running_var", torch.ones(self.slots, num_features))
         self.use_running_stats = False
         self.record_stats = False
+        self.stats_rows: int | None = None
         self.last_stats: tuple[int, Tensor, Tensor] | None = None
 
     def slot(self, step: int) -> int:
@@ -44,7 +62,7 @@ class PerStepBatchNorm(nn.Module):
 
     def forward(self, x: Tensor, step: int = 0) -> Tensor:
         slot = self.slot(step)
-        weight = self.weight[slot] if self.per_step_weights else self.weight
+        weight = None if self.weight is None else self.weight[slot] if self.per_step_weights else self.weight
         bias = self.bias[slot] if self.per_step_weights else self.bias
         dims = [0] + list(range(2, x.dim()))
         view = (1, -1) + (1,) * (x.dim() - 2)
@@ -54,13 +72,19 @@ class PerStepBatchNorm(nn.Module):
         else:
             # Centre once and reuse it for the variance and the output: under vmap and double
             # backward this is ~1.7x faster than x.var(), and exact (pinned to nn.BatchNorm2d).
-            mean = x.mean(dims, keepdim=True)
+            source = x if self.stats_rows is None else x[: self.stats_rows]
+            mean = source.mean(dims, keepdim=True)
             centred = x - mean
-            var = (centred * centred).mean(dims, keepdim=True)
+            if self.stats_rows is None:
+                var = (centred * centred).mean(dims, keepdim=True)
+            else:
+                var = (centred[: self.stats_rows] * centred[: self.stats_rows]).mean(dims, keepdim=True)
             if self.record_stats:
                 self.last_stats = (slot, mean.detach().reshape(-1), var.detach().reshape(-1))
         # per-channel scale first, so the full-size tensor sees one fused multiply-add
-        scale = torch.rsqrt(var + self.eps) * weight.view(view)
+        scale = torch.rsqrt(var + self.eps)
+        if weight is not None:
+            scale = scale * weight.view(view)
         return torch.addcmul(bias.view(view), centred, scale)
 
     @torch.no_grad()

@@ -103,16 +103,19 @@ class MetaLSTMCell(nn.Module):
     Layer 1 is a plain LSTM over [preprocessed ∇_t, preprocessed L_t]; its output h_t
     feeds f_t = σ(W_F [h_t, θ_{t−1}, f_{t−1}] + b_F) and i_t = σ(W_I [h_t, θ_{t−1}, i_{t−1}] + b_I).
     The biases start so that f ≈ ``init_forget`` (keep the parameters) and i ≈ ``init_lr``
-    (a small gradient step): training begins as plain gradient descent.
+    (a small gradient step): training begins as plain gradient descent. With
+    ``gate_preactivation`` the previous gates enter before their sigmoid (f_{t−1} and i_{t−1}
+    above are then the pre-activations, as in the authors' code).
     """
 
     def __init__(self, hidden_size: int = 20, preprocess_p: float = 10.0, init_lr: float = 0.01,
-                 init_forget: float = 0.995) -> None:
+                 init_forget: float = 0.995, gate_preactivation: bool = False) -> None:
         super().__init__()
         for name, value in (("init_lr", init_lr), ("init_forget", init_forget)):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {value}")
         self.hidden_size, self.preprocess_p = hidden_size, preprocess_p
+        self.gate_preactivation = gate_preactivation
         self.lstm = LSTMCell(4, hidden_size)
         # Both gates read [h_t, θ_{t−1}, own previous value]: W_F and W_I stacked as one
         # linear map of h_t plus per-gate weights of the two scalars (no [N, hidden + 2] copies).
@@ -137,5 +140,8 @@ class MetaLSTMCell(nn.Module):
         l = preprocess(loss, self.preprocess_p).expand(grad.shape[0], 2)
         h, c = self.lstm(torch.cat([g, l], dim=-1), h, c)
         prev = torch.stack([f_prev, i_prev], dim=-1)
-        f, i = torch.sigmoid(self.from_h(h) + theta[:, None] * self.from_theta + prev * self.from_prev).unbind(-1)
+        z = self.from_h(h) + theta[:, None] * self.from_theta + prev * self.from_prev
+        f, i = torch.sigmoid(z).unbind(-1)
+        if self.gate_preactivation:
+            return f, i, (h, c, *z.unbind(-1))
         return f, i, (h, c, f, i)

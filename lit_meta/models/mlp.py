@@ -13,7 +13,12 @@ class MLP(nn.Module):
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
         self.body = nn.Sequential(*layers)
+        self.feature_dim = width
         self.head = nn.Linear(width, out_features)
+
+    def features(self, x: Tensor, step: int = 0) -> Tensor:
+        """The body's output: what the head reads."""
+        return self.body(x)
 
     def forward(self, x: Tensor, step: int = 0) -> Tensor:
         # `step` is the inner-loop step; per-step layers (MAML++) read it, these do not.
