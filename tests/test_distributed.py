@@ -194,23 +194,29 @@ def check_blobs(m: dict[str, float]) -> None:
     assert m["test/acc"] > m["test/acc_before"] + 0.2, m
 
 
-@pytest.mark.parametrize("tasks", [50, 1], ids=["uneven", "empty_rank"])
-def test_ddp_evaluation_reports_the_same_mean_over_exactly_the_configured_tasks(tmp_path, tasks):
+@pytest.mark.parametrize("tasks,mini_batch", [(50, None), (1, None), (50, 2)],
+                         ids=["uneven", "empty_rank", "inner_mini_batches"])
+def test_ddp_evaluation_reports_the_same_mean_over_exactly_the_configured_tasks(tmp_path, tasks, mini_batch):
     # 50 tasks in chunks of 8: ranks evaluate tasks 0-24 and 25-49, both drawing chunk 3 (24-31).
     # 1 task: rank 1 has none and still joins the metric all-reduce (else the run hangs).
+    # Inner mini-batches of 2 of the 5 support examples: each task's rows are its own (seeded by
+    # its index among the test tasks), so the rank that adapts it does not matter.
     results = []
     for devices in (1, 2):
         torch.manual_seed(0)
         dm = Blobs(meta_batch_size=4, eval_batch_size=8, test_tasks=tasks)
-        model = MAML(task_spec=dm.task_spec, inner_lr=0.5, eval_inner_steps=3, meta_batch_size=4)
+        model = MAML(task_spec=dm.task_spec, inner_lr=0.5, eval_inner_steps=3, meta_batch_size=4,
+                     eval_inner_batch_size=mini_batch)
         results.append(_trainer(tmp_path / str(devices), devices).test(model, dm, verbose=False)[0])
     one, two = results
     assert one["test/tasks"] == two["test/tasks"] == tasks
     assert two["test/acc"] == pytest.approx(one["test/acc"], abs=1e-6)
     assert two["test/acc_ci95"] == pytest.approx(one["test/acc_ci95"], abs=1e-6, nan_ok=True)
     assert two["test/loss"] == pytest.approx(one["test/loss"], rel=1e-6)
-    if tasks > 1:
+    if mini_batch is None and tasks > 1:
         check_blobs(one)
+    if mini_batch is not None:  # the mini-batches were used: 3 steps on 2 of 5 examples learn less
+        assert one["test/acc_before"] + 0.05 < one["test/acc"] < 0.45
 
 
 def test_learned_optimizer_ddp_evaluation_with_an_empty_rank_equals_one_process(tmp_path):
