@@ -50,7 +50,8 @@ def train_steps_logged(results: dict) -> list[int]:
     import csv
 
     rows = csv.DictReader((Path(results["last_checkpoint"]).parent.parent / "metrics.csv").open())
-    return [int(r["step"]) for r in rows if r.get("train/mse")]
+    # Reptile has no query pass: it logs the support loss
+    return [int(r["step"]) for r in rows if r.get("train/mse") or r.get("train/support_mse")]
 
 
 # Schedules that depend on the step or epoch: Reptile's meta step annealed linearly to 0 over

@@ -97,7 +97,7 @@ def test_wandb_gets_the_curves_as_plots(run_cli, capsys, monkeypatch, tmp_path):
             break
         time.sleep(0.5)
     for key in keys:
-        assert key in records, key
+        assert key in records, (key, list((tmp_path / "wb").rglob("*"))[:20])
 
 
 def test_omniglot_table_script_trains_tests_and_writes_table_json_and_figure(omniglot_root, tmp_path):

@@ -19,36 +19,37 @@ STREAM = {"eval_batch_size": None, "val_tasks": 100, "test_tasks": 600, "steps_p
           "loader_workers": 0}
 EPISODES = {"ways": 5, "shots": 1, "queries": 15, "eval_ways": None, "eval_shots": None, "eval_queries": None}
 IMAGES = {"image_size": 84, "rotations": False, "cache_dir": None}
+IMAGE_PROTOCOL = {"eval_rotations": False, "global_labels": False}  # every image DataModule's
 
 EXPECTED = {
     "lit_meta.data.OmniglotDataModule": {
         "root": "data/omniglot", "split": "finn", "split_seed": 0, "download": False, **EPISODES, **IMAGES,
-        "image_size": 28, "rotations": True, **STREAM, "meta_batch_size": 32},
+        "image_size": 28, "rotations": True, **STREAM, **IMAGE_PROTOCOL, "meta_batch_size": 32},
     "lit_meta.data.MiniImageNetDataModule": {
         "root": "data/miniimagenet", "imagenet_root": None, "split_dir": None, **EPISODES, **IMAGES,
         "interpolation": RESIZE, "mean": list(MEAN), "std": list(STD), "on_bad_image": "stop",
-        **STREAM, "meta_batch_size": 4},
+        **STREAM, **IMAGE_PROTOCOL, "meta_batch_size": 4},
     "lit_meta.data.CIFARFSDataModule": {
         "root": "data/cifar100", "split_dir": None, "download": False, **EPISODES, "image_size": 32,
         "interpolation": RESIZE, "mean": list(cifar.MEAN), "std": list(cifar.STD), "cache_dir": None,
-        **STREAM, "meta_batch_size": 4},
+        **STREAM, **IMAGE_PROTOCOL, "meta_batch_size": 4},
     "lit_meta.data.FC100DataModule": {
         "root": "data/cifar100", "split_dir": None, "download": False, **EPISODES, "image_size": 32,
         "interpolation": RESIZE, "mean": list(cifar.MEAN), "std": list(cifar.STD), "cache_dir": None,
-        **STREAM, "meta_batch_size": 4},
+        **STREAM, **IMAGE_PROTOCOL, "meta_batch_size": 4},
     "lit_meta.data.CUBDataModule": {
         "root": "data/cub", "split_dir": None, **EPISODES, "image_size": 84, "resize_size": None,
         "interpolation": RESIZE, "mean": list(cub.MEAN), "std": list(cub.STD), "on_bad_image": "stop",
-        "cache_dir": None, **STREAM, "meta_batch_size": 4},
+        "cache_dir": None, **STREAM, **IMAGE_PROTOCOL, "meta_batch_size": 4},
     "lit_meta.data.TieredImageNetDataModule": {
         "root": "data/tieredimagenet", "imagenet_root": None, "labels": "fine", "split_dir": None, **EPISODES,
         "image_size": 84, "interpolation": RESIZE, "mean": list(imagenet.MEAN), "std": list(imagenet.STD),
         "on_bad_image": "stop", "pool_device": "auto", "build_workers": 0, "cache_dir": None,
-        **STREAM, "meta_batch_size": 4},
+        **STREAM, **IMAGE_PROTOCOL, "meta_batch_size": 4},
     "lit_meta.data.ImageFolderDataModule": {
         "root": "data/folder", "split": "auto", "val_fraction": 0.2, "test_fraction": 0.2, "split_seed": 0,
         **EPISODES, **IMAGES, "channels": 3, "invert": False, "mean": None, "std": None,
-        **STREAM, "meta_batch_size": 4},
+        **STREAM, **IMAGE_PROTOCOL, "meta_batch_size": 4},
     "lit_meta.data.SineDataModule": {
         "shots": 10, "queries": None, **STREAM, "meta_batch_size": 25, "eval_batch_size": 100},
     "lit_meta.data.OptimizeeDataModule": {
@@ -93,8 +94,10 @@ def test_a_config_file_sets_shared_and_own_options(tmp_path):
     cli = MetaCLI(args=["--config", str(REPO / "configs" / "omniglot" / "maml_5w1s.yaml"),
                         "--data.root", str(tmp_path), "--data.test_tasks", "9"], run=False)
     dm = cli.datamodule
-    # from the file (queries, eval_queries, steps_per_epoch), the command line, and the model's link
-    assert (dm.queries, dm.eval_queries, dm.steps_per_epoch, dm.test_tasks) == (1, 15, 1000, 9)
+    # from the file (queries, eval_queries: cbfinn/maml's K per class, steps_per_epoch), the command
+    # line, and the model's link
+    assert (dm.queries, dm.eval_queries, dm.steps_per_epoch, dm.test_tasks) == (1, 1, 1000, 9)
+    assert dm.eval_rotations
     assert dm.meta_batch_size == cli.model.meta_batch_size == 32
     assert (dm.channels, dm.invert, dm.split) == (1, True, "finn")
 

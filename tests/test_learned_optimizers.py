@@ -325,7 +325,10 @@ def test_meta_lstm_configs_follow_the_paper(name):
     assert (data["ways"], data["shots"]) == (int(ways), int(shots.rstrip("s")))
     if name.startswith("miniimagenet"):
         assert model["backbone_kwargs"] == {"filters": 32, "max_pool": True} and model["meta_batch_size"] == 1
-        assert data["queries"] == 15 and data["test_tasks"] == 600 and config["trainer"]["max_steps"] == 60000
+        # twitter/meta-learning-lstm's nEpisode: 75k (1-shot) and 50k (5-shot) episodes
+        episodes = 75000 if shots.startswith("1") else 50000
+        assert data["queries"] == 15 and data["test_tasks"] == 600 and config["trainer"]["max_steps"] == episodes
+        assert (model["gate_preactivation"], model["grad_divide_by_batch"], model["transductive"]) == (True, True, "support")
 
 
 def measure_meta_lstm_real(folder: Path, seed: int = 0) -> dict[str, float]:
