@@ -190,8 +190,9 @@ def measure_blobs(seed: int = 0, devices: int = 1, tmp_path: Path | None = None)
 
 def check_blobs(m: dict[str, float]) -> None:
     # Adaptation must learn, so that the equality of the two runs below is not one of
-    # constants. Measured at seeds 0-4 x 1-2 threads: acc - acc_before >= 0.44 (docs/RESULTS.md).
-    assert m["test/acc"] > m["test/acc_before"] + 0.2, m
+    # constants. Measured at seeds 0-4 x 1-2 threads: acc - acc_before = 0.20-0.27, CI of acc
+    # ±0.03 (docs/RESULTS.md, 2026-11-30); the bound is ~3 CI widths below the smallest.
+    assert m["test/acc"] > m["test/acc_before"] + 0.1, m
 
 
 @pytest.mark.parametrize("tasks,mini_batch", [(50, None), (1, None), (50, 2)],
