@@ -40,8 +40,9 @@ SEGMENT_CASES = {
     "maml_conv4_4_steps_segments_of_4": (MAML, IMAGES, {"inner_steps": 4}, 4),
     "metasgd_segments_of_2": (MetaSGD, TOY, {"inner_steps": 3}, 2),
     "anil_conv4_segments_of_3": (ANIL, IMAGES, {"inner_steps": 5}, 3),
-    "mamlpp_bnwb_bnrs_no_msl_segments_of_2": (MAMLpp, IMAGES, {"inner_steps": 3, "msl": False, "lslr": True,
-                                                               "bnwb": True, "bnrs": True}, 2),
+    # bnrs and msl trace every θ_k, which makes segments one step: without them the steps are segmented
+    "mamlpp_lslr_bnwb_segments_of_2": (MAMLpp, IMAGES, {"inner_steps": 3, "msl": False, "lslr": True,
+                                                        "bnwb": True, "bnrs": False}, 2),
     "maml_chunks_gradient_agreement_segments_of_2": (MAML, IMAGES, {"inner_steps": 3, "task_chunk_size": 2,
                                                                     "weighting": "gradient_agreement"}, 2),
 }
