@@ -2,12 +2,11 @@
 inner checkpointing (``model.init_args.inner_checkpointing``), second-order MAML.
 
     python benchmarks/memory.py --dataset omniglot --inner-steps 1 5 10 20 [--inner-checkpointing] \\
-        [--checkpoint-segment K|sqrt] [--device cpu|cuda] [--threads N] [--compare learn2learn]
+        [--device cpu|cuda] [--threads N] [--compare learn2learn]
 
 prints one JSON line per point (``dataset``, ``inner_steps``, ``inner_checkpointing``,
 ``peak_mem_mb``, ``seconds_per_step``, and ``side``, ``algorithm``, the shapes, ``device``,
-``threads``, ``memory``, ``date``; ``checkpoint_segment``: inner steps recomputed together,
-``inner_checkpointing: K``, with ``--checkpoint-segment``, ``sqrt`` for ⌊√steps⌉). With ``--compare learn2learn`` each point also gets a
+``threads``, ``memory``, ``date``). With ``--compare learn2learn`` each point also gets a
 learn2learn row (``side: learn2learn``, its stored-graph ``MAML`` clone/adapt loop, always
 ``inner_checkpointing: false``); a point that cannot run (out of memory, learn2learn not
 installed) is a row with ``error`` and null figures.
@@ -103,12 +102,11 @@ def build_case(args: argparse.Namespace, inner_steps: int, side: str, device: to
     """One meta-step of ``side`` ("ours" or "learn2learn") on the dataset's shape (random images)."""
     shape = SHAPES[args.dataset]
     checkpointing = bool(args.inner_checkpointing and side == "ours")
-    option = segment(args, inner_steps) if checkpointing else False
     case = Case(dataset=args.dataset, algorithm="maml", ways=shape["ways"], shots=shape["shots"],
                 queries=args.queries or shape["queries"],
                 meta_batch_size=args.meta_batch_size or shape["meta_batch_size"], inner_steps=inner_steps,
                 task_chunk_size=args.task_chunk_size,
-                model_kwargs={"inner_checkpointing": option} if checkpointing else {},
+                model_kwargs={"inner_checkpointing": True} if checkpointing else {},
                 device=str(device), random_images=True, seed=args.seed)
     torch.manual_seed(args.seed)
     return build_sides(case, [side]).steps[side]
@@ -122,19 +120,11 @@ def build_case(args: argparse.Namespace, inner_steps: int, side: str, device: to
 LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def segment(args: argparse.Namespace, inner_steps: int) -> int:
-    """``--checkpoint-segment`` at ``inner_steps``: the integer given, or ⌊√steps⌉ for ``sqrt``."""
-    if args.checkpoint_segment == "sqrt":
-        return max(1, round(inner_steps ** 0.5))
-    return int(args.checkpoint_segment)
-
-
 def point_row(args: argparse.Namespace, inner_steps: int, side: str) -> dict[str, Any]:
     shape = SHAPES[args.dataset]
     cuda = args.device.startswith("cuda")
     return {"dataset": args.dataset, "inner_steps": inner_steps,
             "inner_checkpointing": bool(args.inner_checkpointing and side == "ours"),
-            "checkpoint_segment": segment(args, inner_steps) if args.inner_checkpointing and side == "ours" else None,
             "peak_mem_mb": None, "seconds_per_step": None, "side": side, "algorithm": "maml",
             "ways": shape["ways"], "shots": shape["shots"], "queries": args.queries or shape["queries"],
             "meta_batch_size": args.meta_batch_size or shape["meta_batch_size"],
@@ -163,7 +153,7 @@ def spawn(args: argparse.Namespace, inner_steps: int, side: str, steps: int,
         if value is not None:
             cmd += [flag, str(value)]
     if args.inner_checkpointing:
-        cmd += ["--inner-checkpointing", "--checkpoint-segment", str(args.checkpoint_segment)]
+        cmd.append("--inner-checkpointing")
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode == 0 and lines:
@@ -192,8 +182,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=list(SHAPES), default="omniglot")
     p.add_argument("--inner-steps", type=int, nargs="+", default=[1, 5, 10, 20])
     p.add_argument("--inner-checkpointing", action="store_true", help="ours: recompute the inner steps")
-    p.add_argument("--checkpoint-segment", default="1",
-                   help="with --inner-checkpointing: inner steps recomputed together (an integer, or sqrt)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--steps", type=int, default=3, help="meta-steps per point (the first is not timed)")
@@ -207,8 +195,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.inner_steps) < 1 or args.steps < 1:
         p.error("--inner-steps and --steps must be >= 1")
-    if args.checkpoint_segment != "sqrt" and not (args.checkpoint_segment.isdigit() and int(args.checkpoint_segment) >= 1):
-        p.error(f"--checkpoint-segment must be an integer >= 1 or sqrt, got {args.checkpoint_segment!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     return args

@@ -10,8 +10,7 @@ Algorithms differ only in what they plug in:
   rate; Adam for Reptile; an LSTM for Ravi & Larochelle): ``lit_meta.update_rules``.
 - ``checkpoint``: keep only each step's parameters and recompute a second-order step when
   the outer backward reaches it (``lit_meta.inner_checkpoint``): the same meta-gradient
-  in memory that does not grow with ``steps``; an integer k > 1 recomputes k steps at a
-  time and keeps one parameter set per k steps. The support loss then takes its data as
+  in memory that does not grow with ``steps``. The support loss then takes its data as
   explicit arguments, ``support_loss(params, step, *data)``.
 
 Second order comes for free: ``torch.func.grad`` keeps the graph to the outer
@@ -28,7 +27,7 @@ from torch import Tensor
 from torch.func import grad_and_value
 
 # The rules live beside the loop; imported here so ``lit_meta.inner`` is the engine's one entry point.
-from lit_meta.inner_checkpoint import recompute_problem, recomputed_steps
+from lit_meta.inner_checkpoint import recompute_problem, recomputed_step
 from lit_meta.update_rules import NAG, SGD, Adam, Params, RMSprop, UpdateRule, flatten, unflatten  # noqa: F401
 
 SupportLoss = Callable[..., Tensor]  # (params, step, *data) -> scalar
@@ -52,7 +51,7 @@ def adapt(
     adapt_names: Iterable[str] | None = None,
     trace: bool = False,
     state: Any = None,
-    checkpoint: bool | int = False,
+    checkpoint: bool = False,
     data: tuple[Tensor, ...] = (),
 ) -> Adapted:
     """Take ``steps`` steps of ``rule`` on ``support_loss(params, step, *data)`` from ``params``.
@@ -60,10 +59,8 @@ def adapt(
     ``first_order`` may be a function of the step, which is how MAML++ anneals the
     derivative order. ``state`` continues a previous call (truncated unrolls).
     ``checkpoint``: second-order steps are recomputed in the outer backward instead of
-    keeping their graphs (``lit_meta.inner_checkpoint``), ``int(checkpoint)`` consecutive
-    steps at a time (one at a time when ``trace``: every θ_k is kept then anyway); every
-    tensor the support loss reads that is batched or needs a gradient must then come in
-    ``params`` or ``data``.
+    keeping their graphs (``lit_meta.inner_checkpoint``); every tensor the support loss
+    reads that is batched or needs a gradient must then come in ``params`` or ``data``.
     """
     if checkpoint and (problem := recompute_problem(rule)):
         raise ValueError(f"inner_checkpointing: {problem}")
@@ -73,30 +70,20 @@ def adapt(
         state = rule.init_state({n: fast[n] for n in names})
     losses: list[Tensor] = []
     trajectory = [fast] if trace else []
-
-    def is_first_order(step: int) -> bool:
-        return first_order(step) if callable(first_order) else first_order
-
-    segment = 1 if trace else int(checkpoint)
-    step = 0
-    while step < steps:
-        if checkpoint and not is_first_order(step):
-            count = 1
-            while count < segment and step + count < steps and not is_first_order(step + count):
-                count += 1
-            new, step_losses, state = recomputed_steps(support_loss, step, count, fast, names, rule, state, data)
+    for step in range(steps):
+        order_one = first_order(step) if callable(first_order) else first_order
+        if checkpoint and not order_one:
+            new, loss, state = recomputed_step(support_loss, step, fast, names, rule, state, data)
         else:
             def loss_of(sub: Params, step: int = step) -> Tensor:
                 return support_loss({**fast, **sub}, step, *data)
 
             grads, loss = grad_and_value(loss_of)({n: fast[n] for n in names})
-            if is_first_order(step):
+            if order_one:
                 grads = {n: g.detach() for n, g in grads.items()}
             new, state = rule(step, {n: fast[n] for n in names}, grads, loss, state)
-            count, step_losses = 1, [loss]
         fast = {**fast, **new}
-        losses += step_losses
+        losses.append(loss)
         if trace:
             trajectory.append(fast)
-        step += count
     return Adapted(fast, losses, trajectory, state)

@@ -47,19 +47,6 @@ redraw them and differentiate a different step), is refused with one line by
 :func:`recompute_problem`. First-order steps are not checkpointed: their gradient is
 detached, so no second-order graph is kept to begin with.
 
-Segments: ``checkpoint = k`` (an integer above 1) makes one Function of up to k
-consecutive second-order steps. Its forward saves only the segment's first θ, runs its k
-steps without a graph and frees the θ's between them; its backward recomputes the k steps
-with their graphs and pulls the cotangents through all of them. The trajectory kept
-between forward and backward is then one θ per segment, and the backward holds one
-segment's k graphs at a time: about steps/k + k parameter copies instead of steps, the
-least at k ≈ √steps. The arithmetic is the same as k = 1 (every step is computed once
-without a graph in the forward and once with it in the backward), so it costs no extra
-time; what it saves matters where the per-task parameters outweigh one step's
-activations (small images, many tasks: conv4 Omniglot at meta-batch 32). A segment never
-spans a first-order step, and when the caller traces the trajectory (MAML++'s multi-step
-loss, the per-step test curve) every θ_k is an output anyway, so segments are one step.
-
 The support loss must be deterministic too: the built-in networks are (no dropout). On
 CUDA a recomputed step may differ from the forward's in the last bits where cuDNN picks a
 non-deterministic kernel; that moves the point the Hessian is taken at by rounding only.
@@ -118,13 +105,11 @@ class StateLayout:
 
 @dataclass
 class StepPlan:
-    """Everything about inner steps ``step .. step + count - 1`` that is not a tensor, and the
-    order of the Function's tensor inputs: adapted params, other params, rule tensors, state
-    leaves, data."""
+    """Everything about inner step ``step`` that is not a tensor, and the order of the
+    Function's tensor inputs: adapted params, other params, rule tensors, state leaves, data."""
 
     support_loss: Callable[..., Tensor]
     step: int
-    count: int
     names: list[str]
     rest: list[str]
     rule: Any
@@ -144,22 +129,17 @@ class StepPlan:
                 self.state.unflatten(leaves), data)
 
     def run(self, *tensors: Tensor) -> tuple[Tensor, ...]:
-        """The steps as a pure function of their tensors:
-        (θ_{step+count}[names]..., L_s(θ_step), ..., L_s(θ_{step+count-1}), state leaves...)."""
+        """The step as a pure function of its tensors: (θ_{k+1}[names]..., L_s(θ_k), state leaves...)."""
         sub, rest, rule_tensors, state, data = self.split(tensors)
-        rule = self.rule.with_tensors(rule_tensors)
-        losses = []
-        for step in range(self.step, self.step + self.count):
-            def loss_of(adapted: Params, step: int = step) -> Tensor:
-                return self.support_loss({**rest, **adapted}, step, *data)
 
-            grads, loss = grad_and_value(loss_of)(sub)
-            new, state = rule(step, sub, grads, loss, state)
-            if StateLayout.of(state) != self.state:
-                raise ValueError(f"{type(self.rule).__name__} changed the structure of its state at step {step}")
-            sub = {**sub, **new}
-            losses.append(loss)
-        return (*(sub[n] for n in self.names), *losses, *StateLayout.tensors(state))
+        def loss_of(adapted: Params) -> Tensor:
+            return self.support_loss({**rest, **adapted}, self.step, *data)
+
+        grads, loss = grad_and_value(loss_of)(sub)
+        new, state = self.rule.with_tensors(rule_tensors)(self.step, sub, grads, loss, state)
+        if StateLayout.of(state) != self.state:
+            raise ValueError(f"{type(self.rule).__name__} changed the structure of its state at step {self.step}")
+        return (*(new[n] for n in self.names), loss, *StateLayout.tensors(state))
 
     def batched(self) -> Callable[..., tuple[Tensor, ...]]:
         """``run`` under the vmap levels it was called from: one batched step for all tasks."""
@@ -174,8 +154,7 @@ class StepPlan:
 
 
 class RecomputedStep(torch.autograd.Function):
-    """One inner step (or one segment of steps) that saves its inputs and recomputes itself
-    in the backward."""
+    """One inner step that saves its inputs and recomputes itself in the backward."""
 
     @staticmethod
     def forward(plan: StepPlan, *tensors: Tensor) -> tuple[Tensor, ...]:
@@ -221,10 +200,9 @@ class RecomputedStep(torch.autograd.Function):
         return (None, *grads)
 
 
-def recomputed_steps(support_loss: Callable[..., Tensor], step: int, count: int, fast: Params, names: list[str],
-                     rule: Any, state: Any, data: tuple[Tensor, ...]) -> tuple[Params, list[Tensor], Any]:
-    """Inner steps ``step .. step + count - 1`` through one :class:`RecomputedStep`:
-    (the adapted params after them, their support losses, the rule's state)."""
+def recomputed_step(support_loss: Callable[..., Tensor], step: int, fast: Params, names: list[str], rule: Any,
+                    state: Any, data: tuple[Tensor, ...]) -> tuple[Params, Tensor, Any]:
+    """One inner step through :class:`RecomputedStep`: (new adapted params, support loss, state)."""
     adapted = set(names)
     rest = [n for n in fast if n not in adapted]
     rule_tensors = rule.tensors()
@@ -232,10 +210,8 @@ def recomputed_steps(support_loss: Callable[..., Tensor], step: int, count: int,
     sub = [fast[n] for n in names]
     device_type = sub[0].device.type
     autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-    plan = StepPlan(support_loss, step, count, list(names), rest, rule, list(rule_tensors), layout, device_type,
-                    autocast)
+    plan = StepPlan(support_loss, step, list(names), rest, rule, list(rule_tensors), layout, device_type, autocast)
     out = RecomputedStep.apply(plan, *sub, *(fast[n] for n in rest), *rule_tensors.values(),
                                *StateLayout.tensors(state), *data)
-    k = len(names)
-    new = dict(zip(names, out[:k]))
-    return new, list(out[k: k + count]), layout.unflatten(list(out[k + count:]))
+    new = dict(zip(names, out[: len(names)]))
+    return new, out[len(names)], layout.unflatten(list(out[len(names) + 1:]))

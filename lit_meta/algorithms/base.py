@@ -97,7 +97,7 @@ class MetaLearner(MetaModule):
         grad_clip: float | None = None,
         task_chunk_size: int | None = None,
         transductive: bool | str = True,
-        inner_checkpointing: bool | int = False,
+        inner_checkpointing: bool = False,
         compile_tasks: str | None = None,
         max_nonfinite: int = 10,
         grad_clip_value: float | None = None,
@@ -116,9 +116,6 @@ class MetaLearner(MetaModule):
             raise ValueError(f"meta_batch_size must be >= 1, got {meta_batch_size}")
         if task_chunk_size is not None and task_chunk_size < 1:
             raise ValueError(f"task_chunk_size must be >= 1 or null, got {task_chunk_size}")
-        if not isinstance(inner_checkpointing, (bool, int)) or inner_checkpointing < 0:
-            raise ValueError("inner_checkpointing must be true, false or a number of inner steps recomputed "
-                             f"together (>= 1), got {inner_checkpointing!r}")
         for option, value in (("inner_loss_reduction", inner_loss_reduction),
                               ("meta_loss_reduction", meta_loss_reduction)):
             if value not in LOSS_REDUCTIONS:
@@ -143,8 +140,6 @@ class MetaLearner(MetaModule):
         self.task_chunk_size = task_chunk_size
         # Steps along the inner loop: keep only each step's parameters and recompute a
         # second-order step in the outer backward; the same gradient, memory flat in steps.
-        # An integer k: recompute k steps at a time, keeping one parameter set per k steps
-        # (for many steps of a small network at a large meta-batch; k ≈ √steps keeps fewest).
         self.inner_checkpointing = inner_checkpointing
         # How evaluation normalises the query (the module docstring): transductive (the MAML
         # papers), each example beside the support set (Reptile), or the support set's statistics.

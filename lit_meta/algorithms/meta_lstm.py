@@ -106,7 +106,7 @@ class MetaLSTM(MetaLearner):
         grad_clip: float | None = 0.25,
         task_chunk_size: int | None = None,
         transductive: bool | str = True,
-        inner_checkpointing: bool | int = False,
+        inner_checkpointing: bool = False,
         max_nonfinite: int = 10,
         gate_preactivation: bool = False,
         grad_divide_by_batch: bool = False,
