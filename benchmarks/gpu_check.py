@@ -1,20 +1,29 @@
 """One prepared GPU check: everything only a GPU can show, in one short run.
 
     python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json      # on a CUDA machine, <= 7 min
-    python  benchmarks/gpu_check.py --cpu-smoke                    # the same code paths, tiny, on the CPU
+    python  benchmarks/gpu_check.py --cpu-smoke                    # the same parts, tiny, on the CPU (< 2 min)
 
 Runs from the source tree against the machine's own torch (no ``pip install -e .``): it
 installs the wheels of ``.whl/`` (``benchmarks/gpu_wheels.sh``: jsonargparse,
 learn2learn for CPython 3.12, ...) with ``pip install --no-index --no-deps --target``
 into a temporary folder when jsonargparse is missing, and puts that folder and the
-repository on ``PYTHONPATH`` for its parts. Each part is a subprocess with its own time
-limit (and all of them share a deadline), so one slow part cannot eat the rest; a part
-that fails or times out reports an ``error`` and the others still run. No network.
-Without a CUDA device (and without ``--cpu-smoke``) it stops at once with one line.
+repository on ``PYTHONPATH`` for its parts. No network. Without a CUDA device (and without
+``--cpu-smoke``) it stops at once with one line.
 
-Parts, and the keys of the one-line JSON summary printed last (and written to ``--out``):
+Time: every part has its own limit (:data:`LIMITS`, seconds on a GPU), and they add up to
+at most the deadline (:data:`DEADLINE`, 7 minutes from the check's start, the wheels'
+install included), so each part gets its whole limit even when the ones before it use all
+of theirs; a part that fails or runs out of time reports an ``error`` and the others still
+run. The one-line JSON summary is printed (and written to ``--out``) whatever failed:
+setup included, every failure is that part's ``error``.
 
+Parts, and the keys of the summary:
+
+- ``setup``: the wheels installed, and which optional packages import (``import``, not only
+  found: a broken learn2learn is reported here and the speed part runs ours alone).
 - ``device``: GPU name, memory, capability; torch, CUDA, Lightning versions.
+- ``rehearsal``: every algorithm's meta-steps and evaluation on the ``meta`` device
+  (``lit_meta.rehearsal``): no host-made tensor copied in, no device value read.
 - ``tests``: ``pytest -m gpu`` (the tests marked ``gpu``): passed / failed / errors / skipped.
 - ``speed``: ``benchmarks/speed.py --device cuda --compare learn2learn`` per case, one
   entry each with ``ours_tasks_per_s``, ``baseline_tasks_per_s``, ``ratio`` and both
@@ -22,27 +31,37 @@ Parts, and the keys of the one-line JSON summary printed last (and written to ``
   Omniglot 5-way 1-shot (conv4/64, meta-batch 32, random images of Omniglot's shape), and
   second-order MAML on a miniImageNet-shaped task (3x84x84, conv4/32 with max-pool, 5 inner
   steps, meta-batch 4, 15 queries). Without learn2learn the baseline is skipped and said so.
-- ``fit``: ``configs/omniglot/maml_5w1s.yaml`` trained for up to ``--fit-steps`` steps
-  (or ``--fit-seconds`` of training) in ``32-true`` (TF32 matmuls: the CLI sets
-  ``float32_matmul_precision("high")``) and in ``bf16-mixed``: ``steps_per_s`` after
-  ``--fit-warmup`` steps, ``projected_60k_minutes`` (60,000 steps at that rate plus the
-  config's 60 validations of 100 tasks at the measured validation time), ``val_acc`` on the
-  config's 100 validation tasks, ``sample_ms`` (one meta-batch drawn on the device), peak
-  memory. The first ``--sync-steps`` steps run under ``torch.cuda.set_sync_debug_mode("error")``
-  (sampling and ``training_step``): ``sync_check`` is ``ok`` or the error. Data: the real
-  Omniglot packs from ``.gpu_data/omniglot`` (``gpu_wheels.sh`` copies them there) when
-  present, else a synthetic pool of Omniglot's shape (``val_acc`` is then meaningless).
-- ``compile``: ``compile_tasks`` (``lit_meta/compile.py``) against eager on the same batch
-  for the capturable paths (Reptile's inner loop, first-order MAML, evaluation) and the
-  modes ``cudagraphs``, ``reduce-overhead`` and ``default``: ms per call, compile seconds,
-  the largest difference from eager, and the speed-up.
+- ``fit``: per precision (``32-true``, with TF32 matmuls as the CLI sets
+  ``float32_matmul_precision("high")``, and ``bf16-mixed``), two fits of
+  ``configs/omniglot/maml_5w1s.yaml``:
+
+  - the sync check: ``--sync-steps`` steps logging every 5 and validating after step 10
+    under ``torch.cuda.set_sync_debug_mode("warn")`` (``lit_meta.sync_guard.SyncWindow``):
+    ``sync_check`` lists the steps, logging steps and validations covered, the hooks
+    called, and every sync with its innermost lit_meta line, split into those a logging
+    step or a validation's end may make and those no step may (``ok`` when there are none);
+  - the timed fit: up to ``--fit-steps`` steps (or ``--fit-seconds`` of training) as the
+    config logs: ``steps_per_s`` after ``--fit-warmup`` steps, ``projected_60k_minutes``
+    (60,000 steps at that rate plus the config's 60 validations of 100 tasks at the measured
+    validation time), ``val_acc`` on the config's 100 validation tasks, ``sample_ms`` (one
+    meta-batch drawn on the device), peak memory.
+
+  Data: the real Omniglot packs from ``.gpu_data/omniglot`` (``gpu_wheels.sh`` copies them
+  there) when present, else a synthetic pool of Omniglot's shape (``val_acc`` is then
+  meaningless).
+- ``compile``: ``compile_tasks`` (``lit_meta/compile.py``, ``fullgraph=True``) against eager
+  on the same batch for the capturable paths (Reptile's inner loop, first-order MAML,
+  evaluation), in :data:`COMPILE_CASES`' order until the part's time is spent (the rest
+  ``"skipped": "time"``): ms per call, compile seconds, the largest difference from eager,
+  the speed-up, and ``graphs``: the graphs Dynamo captured (Dynamo is reset before each
+  case, so each is compiled afresh; 0 would mean it ran eagerly and its speed-up is not one).
 
 The next session with a GPU makes exactly this device call (``run``), after
 ``bash benchmarks/gpu_wheels.sh`` here (it fills the git-ignored ``.whl`` and ``.gpu_data``):
 
     command: "PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json --log $OUT/parts.log 2>&1 | tee $OUT/gpu_check.log"
     carry:   [".whl", ".gpu_data"]
-    timeout_s: 540
+    timeout_s: 480
 
 and copies the summary into docs/RESULTS.md ("GPU figures").
 """
@@ -71,13 +90,19 @@ PRECISIONS = ("32-true", "bf16-mixed")
 GPU_COMPILE_MODES = ("cudagraphs", "reduce-overhead", "default")
 COMPILE_PATHS = ("reptile", "fomaml", "eval")
 
-# Seconds: each part's own limit on a GPU, and the deadline they share (7 minutes less
-# the start-up, the wheel install and the summary).
-LIMITS = {"tests": 90, "speed_case": 55, "fit": 140, "compile": 100}
-RESERVE = {"tests": 200, "speed": 130, "fit": 40, "compile": 0}  # kept for the parts after each one
-DEADLINE = 400
-SMOKE_LIMITS = {"tests": 120, "speed_case": 90, "fit": 150, "compile": 120}
-SMOKE_DEADLINE = 600
+# Seconds: each part's own limit on a GPU; they add up to at most the deadline, which counts
+# from the check's start (the wheels' install included): 7 minutes of the lease.
+LIMITS = {"setup": 30, "rehearsal": 20, "tests": 60, "speed": 120, "fit": 130, "compile": 60}
+DEADLINE = 420
+SMOKE_LIMITS = {"setup": 30, "rehearsal": 30, "tests": 60, "speed": 100, "fit": 120, "compile": 60}
+SMOKE_DEADLINE = 420
+# (mode, path) in the order they are compiled until the compile part's time is spent: the quick
+# CUDA-graph captures first, then Inductor where it is cheapest (evaluation has no backward)
+COMPILE_CASES = (("cudagraphs", "reptile"), ("cudagraphs", "fomaml"), ("cudagraphs", "eval"), ("default", "eval"),
+                 ("reduce-overhead", "reptile"), ("default", "fomaml"), ("reduce-overhead", "fomaml"),
+                 ("default", "reptile"), ("reduce-overhead", "eval"))
+SMOKE_COMPILE_CASES = (("aot_eager", "reptile"), ("aot_eager", "fomaml"), ("aot_eager", "eval"))
+COMPILE_CASE_S = 25  # what one more case needs at least; with less left the rest are skipped
 
 
 # ----------------------------------------------------------------------------- speed cases
@@ -110,10 +135,15 @@ class Runner:
         self.deadline = SMOKE_DEADLINE if args.cpu_smoke else args.deadline
         self.limits = SMOKE_LIMITS if args.cpu_smoke else LIMITS
         self.device = "cpu" if args.cpu_smoke else "cuda"
+        self.optional: dict[str, Any] = {}  # package -> version, or the import's error line
 
-    def budget(self, part: str, limit: float) -> float:
-        left = self.deadline - (time.monotonic() - self.start) - RESERVE[part]
-        return max(5.0, min(limit, left))
+    def left(self) -> float:
+        return self.deadline - (time.monotonic() - self.start)
+
+    def budget(self, part: str) -> float:
+        """The part's own limit, or what is left of the deadline if that is less (never
+        below 5 s: a part always gets to say why it could not run)."""
+        return max(5.0, min(self.limits[part], self.left()))
 
     def run(self, cmd: list[str], timeout: float) -> tuple[int | None, str, float]:
         """(return code or None on timeout, stdout + stderr, seconds). Kills the whole group on timeout."""
@@ -144,7 +174,8 @@ class Runner:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", part, "--result", str(result),
                    "--device", self.device, *(["--cpu-smoke"] if self.args.cpu_smoke else []),
                    "--fit-steps", str(self.args.fit_steps), "--fit-seconds", str(self.args.fit_seconds),
-                   "--fit-warmup", str(self.args.fit_warmup), "--sync-steps", str(self.args.sync_steps)]
+                   "--fit-warmup", str(self.args.fit_warmup), "--sync-steps", str(self.args.sync_steps),
+                   "--seconds", str(timeout)]
             code, output, seconds = self.run(cmd, timeout)
             lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()] \
                 if result.exists() else []
@@ -156,12 +187,45 @@ class Runner:
         return lines, error, seconds
 
     # -- parts --------------------------------------------------------------------
+    def setup(self) -> dict[str, Any]:
+        """The wheels (when jsonargparse is missing) and the optional packages' imports."""
+        out: dict[str, Any] = {}
+        paths = [str(ROOT)]
+        if not module_imports("jsonargparse", self.env)[0]:
+            wheels = sorted(WHEELS.glob("*.whl"))
+            if not wheels:
+                raise RuntimeError(f"jsonargparse is missing and {WHEELS} has no wheels: run "
+                                   "`bash benchmarks/gpu_wheels.sh` on a machine with the package index")
+            site = Path(tempfile.gettempdir()) / "lit_meta_gpu_site"
+            code, output, _ = self.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                                        "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(site),
+                                        *map(str, wheels)], self.budget("setup"))
+            if code != 0:
+                raise RuntimeError(f"pip install of {WHEELS}: {last_error_line(output)}")
+            paths.append(str(site))  # after the repository: a wheel here ships a top-level `tests` package
+            out["wheels"] = [w.name for w in wheels]
+        self.env["PYTHONPATH"] = os.pathsep.join(paths + ([self.env["PYTHONPATH"]] if self.env.get("PYTHONPATH")
+                                                          else []))
+        for package in ("jsonargparse", "learn2learn"):
+            ok, detail = module_imports(package, self.env)
+            self.optional[package] = detail if ok else {"error": detail}
+        out["imports"] = dict(self.optional)
+        return out
+
+    def rehearsal(self) -> dict[str, Any]:
+        lines, error, seconds = self.worker("rehearsal", self.budget("rehearsal"))
+        out: dict[str, Any] = {"cases": lines, "seconds": round(seconds, 1),
+                               "ok": not error and bool(lines) and all(line["ok"] for line in lines)}
+        if error:
+            out["error"] = error
+        return out
+
     def tests(self) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             junit = Path(tmp) / "junit.xml"
             cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o",
                    "addopts=", f"--junitxml={junit}", "tests"]
-            code, output, seconds = self.run(cmd, self.budget("tests", self.limits["tests"]))
+            code, output, seconds = self.run(cmd, self.budget("tests"))
             out: dict[str, Any] = {"seconds": round(seconds, 1)}
             if junit.exists():
                 out.update(junit_counts(junit.read_text()))
@@ -172,12 +236,17 @@ class Runner:
             return out
 
     def speed(self) -> list[dict[str, Any]]:
-        baseline = "learn2learn" if learn2learn_available(self.env) else "none"
+        l2l = self.optional.get("learn2learn")
+        baseline = "learn2learn" if isinstance(l2l, str) else "none"
+        part_end = time.monotonic() + self.budget("speed")
+        cases = speed_cases(self.args.cpu_smoke)
         entries = []
-        for name, flags in speed_cases(self.args.cpu_smoke):
+        for index, (name, flags) in enumerate(cases):
+            # the part's time in equal shares of what is left, so the last case gets its turn
+            share = max(5.0, (part_end - time.monotonic()) / (len(cases) - index))
             cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), *flags, "--device", self.device,
                    "--compare", baseline]
-            code, output, seconds = self.run(cmd, self.budget("speed", self.limits["speed_case"]))
+            code, output, seconds = self.run(cmd, share)
             entry: dict[str, Any] = {"case": name, "seconds": round(seconds, 1)}
             row = last_json_line(output)
             if code == 0 and row is not None:
@@ -187,28 +256,34 @@ class Runner:
                 entry.update({k: row.get(k) for k in keep})
                 entry.setdefault("ratio", None)
                 if baseline == "none":
-                    entry["baseline"] = "learn2learn not installed (.whl has no cp312 build): ours only"
+                    why = l2l["error"] if isinstance(l2l, dict) else "not checked"
+                    entry["baseline"] = f"learn2learn does not import ({why}): ours only"
             else:
                 entry["error"] = "timed out" if code is None else last_error_line(output)
             entries.append(entry)
         return entries
 
     def fit(self) -> dict[str, Any]:
-        lines, error, seconds = self.worker("fit", self.budget("fit", self.limits["fit"]))
-        out: dict[str, Any] = {line.pop("precision"): line for line in lines}
+        lines, error, seconds = self.worker("fit", self.budget("fit"))
+        out: dict[str, Any] = {}
+        for line in lines:
+            out.setdefault(line.pop("precision"), {}).update(line)
         for precision in PRECISIONS:
-            out.setdefault(precision, {"error": error or "not run"})
+            entry = out.setdefault(precision, {})
+            if "steps_per_s" not in entry:
+                entry.setdefault("error", error or "not run")
         out["seconds"] = round(seconds, 1)
         return out
 
     def compile(self) -> dict[str, Any]:
-        lines, error, seconds = self.worker("compile", self.budget("compile", self.limits["compile"]))
+        lines, error, seconds = self.worker("compile", self.budget("compile"))
         out: dict[str, Any] = {"cases": lines, "seconds": round(seconds, 1)}
         if error:
             out["error"] = error
         best: dict[str, Any] = {}
         for line in lines:
-            if line.get("speedup") and line["speedup"] > best.get(line["path"], {}).get("speedup", 1.0):
+            if line.get("graphs") and line.get("speedup") and \
+                    line["speedup"] > best.get(line["path"], {}).get("speedup", 1.0):
                 best[line["path"]] = {"mode": line["mode"], "speedup": line["speedup"]}
         out["faster_than_eager"] = best
         return out
@@ -241,34 +316,15 @@ def last_error_line(output: str) -> str:
     return (lines[-1] if lines else "failed with no output")[:300]
 
 
-def learn2learn_available(env: dict[str, str]) -> bool:
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('learn2learn') is None)"
-    return subprocess.run([sys.executable, "-c", probe], env=env).returncode == 0
-
-
-def prepare_environment(smoke: bool) -> tuple[dict[str, str], dict[str, Any]]:
-    """PYTHONPATH for the parts: the wheels' folder (installed here if jsonargparse is
-    missing) and the repository. Returns the environment and what was done."""
-    import importlib.util
-
-    paths = [str(ROOT)]
-    done: dict[str, Any] = {}
-    if importlib.util.find_spec("jsonargparse") is None:
-        wheels = sorted(WHEELS.glob("*.whl"))
-        if not wheels:
-            raise SystemExit(f"gpu_check: jsonargparse is missing and {WHEELS} has no wheels: "
-                             "run `bash benchmarks/gpu_wheels.sh` on a machine with the package index")
-        site = Path(tempfile.gettempdir()) / "lit_meta_gpu_site"
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                        "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)], check=True)
-        paths.append(str(site))  # after the repository: a wheel here ships a top-level `tests` package
-        done["wheels"] = [w.name for w in wheels]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if smoke:
-        env.setdefault("OMP_NUM_THREADS", "1")
-    return env, done
+def module_imports(name: str, env: dict[str, str]) -> tuple[bool, str]:
+    """Whether ``import name`` works in a fresh interpreter with ``env``: (True, its version) or
+    (False, the error's last line). An import, not ``find_spec``: a package that is there but
+    cannot import (a wheel built for another torch) must not be reported as usable."""
+    probe = f"import {name}; print(getattr({name}, '__version__', 'unknown'))"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode == 0:
+        return True, done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "unknown"
+    return False, last_error_line(done.stderr)
 
 
 def device_info() -> dict[str, Any]:
@@ -288,12 +344,17 @@ def main_parent(args: argparse.Namespace) -> dict[str, Any]:
         print(f"gpu_check: no CUDA device (torch {torch.__version__} sees none); "
               "use --cpu-smoke to rehearse on the CPU", file=sys.stderr)
         raise SystemExit(2)
-    env, prepared = prepare_environment(args.cpu_smoke)
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if args.cpu_smoke:
+        env.setdefault("OMP_NUM_THREADS", "1")
     runner = Runner(args, env)
-    summary: dict[str, Any] = {"device": device_info(), "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
-                               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **prepared}
-    parts: dict[str, Callable[[], Any]] = {"tests": runner.tests, "speed": runner.speed, "fit": runner.fit,
-                                           "compile": runner.compile}
+    summary: dict[str, Any] = {"mode": "cpu-smoke" if args.cpu_smoke else "gpu",
+                               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "deadline_s": runner.deadline, "limits_s": dict(runner.limits)}
+    parts: dict[str, Callable[[], Any]] = {"setup": runner.setup, "device": device_info,
+                                           "rehearsal": runner.rehearsal, "tests": runner.tests,
+                                           "speed": runner.speed, "fit": runner.fit, "compile": runner.compile}
     for name, part in parts.items():
         if name in args.skip:
             summary[name] = {"skipped": "--skip"}
@@ -329,49 +390,51 @@ def synthetic_omniglot(root: Path, smoke: bool) -> None:
         np.savez(root / f"{half}.npz", images=images)
 
 
-def sync_guard(fn: Callable[..., Any], device: str, active: Callable[[], bool], strict: bool) -> Callable[..., Any]:
-    """``fn`` under torch's sync debug mode "error" (CUDA) or, on the CPU, lit_meta's guard
-    (``strict``: any tensor value read fails; else only reads of device tensors, so the
-    sampler's host-side index draws pass), while ``active()``."""
-    from lit_meta.sync_guard import cuda_sync_errors, no_host_sync
-
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        if not active():
-            return fn(*args, **kwargs)
-        with cuda_sync_errors() if device == "cuda" else no_host_sync(strict=strict):
-            return fn(*args, **kwargs)
-
-    return guarded
-
-
-def fit_once(args: argparse.Namespace, precision: str, root: Path, tmp: Path, guard: bool) -> dict[str, Any]:
+def fit_cli(args: argparse.Namespace, precision: str, root: Path, tmp: Path, extra: list[str]) -> Any:
+    """The fit config on ``root`` for ``precision`` (smoke: a tiny network and meta-batch)."""
     from lit_meta.cli import MetaCLI
 
     torch.set_float32_matmul_precision("high")  # as lit_meta.cli.main does: TF32 matmuls on CUDA
-    smoke = args.cpu_smoke
-    overrides = ["--config", str(FIT_CONFIG), "--data.init_args.root", str(root),
-                 "--trainer.max_steps", str(args.fit_steps), "--trainer.precision", precision,
+    overrides = ["--config", str(FIT_CONFIG), "--data.init_args.root", str(root), "--trainer.precision", precision,
                  "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-                 "--trainer.limit_val_batches", "0", "--trainer.enable_model_summary", "false",
+                 "--trainer.enable_model_summary", "false", "--trainer.enable_progress_bar", "false",
                  "--trainer.accelerator", args.device, "--trainer.devices", "1",
-                 "--trainer.default_root_dir", str(tmp)]
-    if smoke:
+                 "--trainer.default_root_dir", str(tmp), *extra]
+    if args.cpu_smoke:
         overrides += ["--model.init_args.meta_batch_size", "4",
                       "--model.init_args.backbone_kwargs", '{"filters": 8, "max_pool": false}',
                       "--data.init_args.val_tasks", "8", "--data.init_args.eval_batch_size", "4",
                       "--data.init_args.eval_queries", "2"]
-    cli = MetaCLI(args=overrides, run=False)
+    return MetaCLI(args=overrides, run=False)
+
+
+def sync_check(args: argparse.Namespace, precision: str, root: Path, tmp: Path) -> dict[str, Any]:
+    """``--sync-steps`` steps logging every 5, a validation after step 10 (an epoch of 10 steps),
+    all under :class:`lit_meta.sync_guard.SyncWindow`."""
+    from lit_meta.sync_guard import SyncWindow
+
+    steps = args.sync_steps
+    cli = fit_cli(args, precision, root, tmp, [
+        "--trainer.max_steps", str(steps), "--trainer.log_every_n_steps", "5", "--data.init_args.steps_per_epoch",
+        "10", "--data.init_args.val_tasks", "8" if args.cpu_smoke else "20"])
+    window = SyncWindow(steps, cuda=args.device == "cuda")
+    cli.trainer.callbacks.append(window)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return window.summary()
+
+
+def timed_fit(args: argparse.Namespace, precision: str, root: Path, tmp: Path) -> dict[str, Any]:
+    """The config as it trains (logging every 100 steps), timed after ``--fit-warmup`` steps."""
+    cli = fit_cli(args, precision, root, tmp, ["--trainer.max_steps", str(args.fit_steps),
+                                               "--trainer.limit_val_batches", "0"])
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
-    timer = StepClock(args.device, args.fit_warmup, args.fit_seconds, args.sync_steps if guard else 0)
+    timer = StepClock(args.device, args.fit_warmup, args.fit_seconds)
     trainer.callbacks.append(timer)
-    if guard:
-        model.training_step = sync_guard(model.training_step, args.device, timer.guarding, strict=True)
-        dm.train_batch = sync_guard(dm.train_batch, args.device, timer.guarding, strict=False)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(model, datamodule=dm)
-    record: dict[str, Any] = {"precision": precision, "steps": trainer.global_step,
-                              "timed_steps": timer.timed_steps, "timed_seconds": round(timer.seconds, 2)}
+    record: dict[str, Any] = {"steps": trainer.global_step, "timed_steps": timer.timed_steps,
+                              "timed_seconds": round(timer.seconds, 2)}
     record["steps_per_s"] = round(timer.timed_steps / timer.seconds, 2) if timer.seconds > 0 else None
     if args.device == "cuda":
         record["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -390,7 +453,7 @@ def fit_once(args: argparse.Namespace, precision: str, root: Path, tmp: Path, gu
         # the config validates every 1000 steps (steps_per_epoch): 60 validations in 60k steps
         record["projected_60k_minutes"] = round((60000 / record["steps_per_s"] + 60 * val_seconds) / 60, 2)
     # one meta-batch drawn on the training device (pool already there), synchronised
-    draws = 5 if smoke else 50
+    draws = 5 if args.cpu_smoke else 50
     synchronize(args.device)
     begin = time.perf_counter()
     for step in range(draws):
@@ -401,24 +464,20 @@ def fit_once(args: argparse.Namespace, precision: str, root: Path, tmp: Path, gu
 
 
 class StepClock(pl.Callback):
-    """Times the fit after ``warmup`` steps (synchronised at both ends), stops it after
-    ``seconds`` of timed training, and says whether the first ``guard_steps`` are guarded."""
+    """Times the fit after ``warmup`` steps (synchronised at both ends) and stops it after
+    ``seconds`` of timed training."""
 
-    def __init__(self, device: str, warmup: int, seconds: float, guard_steps: int) -> None:
-        self.device, self.warmup, self.budget, self.guard_steps = device, warmup, seconds, guard_steps
+    def __init__(self, device: str, warmup: int, seconds: float) -> None:
+        self.device, self.warmup, self.budget = device, warmup, seconds
         self.begin: float | None = None
         self.begin_step = 0
         self.timed_steps, self.seconds = 0, 0.0
-        self.step = 0
-
-    def guarding(self) -> bool:
-        return self.step < self.guard_steps
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.step = trainer.global_step
-        if self.step == self.warmup:
+        step = trainer.global_step
+        if step == self.warmup:
             synchronize(self.device)
-            self.begin, self.begin_step = time.perf_counter(), self.step
+            self.begin, self.begin_step = time.perf_counter(), step
         elif self.begin is not None and time.perf_counter() - self.begin > self.budget:
             trainer.should_stop = True
 
@@ -429,6 +488,11 @@ class StepClock(pl.Callback):
             self.timed_steps = trainer.global_step - self.begin_step
 
 
+def error_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
 def worker_fit(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_fit_"))
     if (OMNIGLOT / "images_background.npz").is_file() and not args.cpu_smoke:
@@ -437,24 +501,34 @@ def worker_fit(args: argparse.Namespace) -> None:
         root, data = tmp / "synthetic_omniglot", "synthetic Omniglot-shaped pool: val_acc is not meaningful"
         synthetic_omniglot(root, args.cpu_smoke)
     for precision in PRECISIONS:
+        for name, part in (("sync_check", sync_check), ("timed", timed_fit)):
+            try:
+                record = part(args, precision, root, tmp)
+                record = {"sync_check": record} if name == "sync_check" else {**record, "data": data}
+            except Exception as error:  # the other fits still run
+                record = {f"{name}_error": error_line(error)}
+            emit(args.result, {"precision": precision, **record})
+
+
+def worker_rehearsal(args: argparse.Namespace) -> None:
+    from lit_meta.rehearsal import CASES, rehearse_case
+
+    for name in CASES:
         try:
-            record = fit_once(args, precision, root, tmp, guard=True)
-            record["sync_check"] = f"ok: the first {args.sync_steps} steps (sampling + training_step) " + (
-                "under torch.cuda.set_sync_debug_mode('error')" if args.device == "cuda"
-                else "under lit_meta.sync_guard.no_host_sync")
-        except Exception as error:  # a host sync (or another failure) in the guarded steps: time it unguarded
-            check = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-            record = fit_once(args, precision, root, tmp, guard=False)
-            record["sync_check"] = f"FAILED: {check[:300]}"
-        record["data"] = data
-        emit(args.result, record)
+            report = rehearse_case(name)
+            emit(args.result, {"case": name, "ok": report.ok, "parts": report.parts, "error": report.error})
+        except Exception as error:
+            emit(args.result, {"case": name, "ok": False, "error": error_line(error)})
 
 
 def worker_compile(args: argparse.Namespace) -> None:
-    """Each capturable path, eager then compiled per mode, on one fixed batch."""
+    """Each (mode, path) of :data:`COMPILE_CASES`, eager first, on one fixed batch, Dynamo reset
+    before each case; cases that no longer fit the part's time are reported skipped."""
     from lit_meta.algorithms import MAML, Reptile
+    from lit_meta.internals import compiled_graph_count
     from lit_meta.tasks import TaskBatch, task_spec
 
+    end = time.monotonic() + args.seconds - 5  # leave the parent time to read the lines
     torch.set_float32_matmul_precision("high")
     device = torch.device(args.device)
     smoke = args.cpu_smoke
@@ -467,7 +541,6 @@ def worker_compile(args: argparse.Namespace) -> None:
     yq = torch.arange(5).repeat_interleave(15).repeat(tasks, 1)
     evaluation = TaskBatch(torch.rand(tasks, 5, 1, 28, 28, generator=g), y,
                            torch.rand(tasks, 75, 1, 28, 28, generator=g), yq).to(device)
-    modes = ("aot_eager",) if smoke else GPU_COMPILE_MODES
 
     def model(path: str, mode: str | None):
         torch.manual_seed(0)
@@ -492,29 +565,35 @@ def worker_compile(args: argparse.Namespace) -> None:
         synchronize(args.device)
         return 1000 * (time.perf_counter() - begin) / calls
 
+    cases = SMOKE_COMPILE_CASES if smoke else COMPILE_CASES
     eager: dict[str, tuple[torch.Tensor, float]] = {}
-    for path in COMPILE_PATHS:  # eager first: the reference values and times
+    for path in dict.fromkeys(p for _, p in cases):  # eager first: the reference values and times
         m = model(path, None)
         first = call(m, path).clone()
         call(m, path)  # warm-up
         eager[path] = (first, clock(m, path))
         emit(args.result, {"path": path, "mode": "eager", "ms_per_call": round(eager[path][1], 3)})
-    for mode in modes:
-        for path in COMPILE_PATHS:
-            record: dict[str, Any] = {"path": path, "mode": mode}
-            try:
-                m = model(path, mode)
-                begin = time.perf_counter()
-                first = call(m, path).clone()
-                synchronize(args.device)
-                record["compile_s"] = round(time.perf_counter() - begin, 1)
-                record["max_abs_diff"] = float((first.float() - eager[path][0].float()).abs().max())
-                call(m, path)
-                ms = clock(m, path)
-                record.update(ms_per_call=round(ms, 3), speedup=round(eager[path][1] / ms, 3))
-            except Exception as error:
-                record["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
-            emit(args.result, record)
+    for mode, path in cases:
+        record: dict[str, Any] = {"path": path, "mode": mode}
+        if end - time.monotonic() < (5 if smoke else COMPILE_CASE_S):
+            emit(args.result, {**record, "skipped": "time"})
+            continue
+        try:
+            torch.compiler.reset()  # each case compiles afresh: no recompile limit shared with the others
+            graphs = compiled_graph_count()
+            m = model(path, mode)
+            begin = time.perf_counter()
+            first = call(m, path).clone()
+            synchronize(args.device)
+            record["compile_s"] = round(time.perf_counter() - begin, 1)
+            record["graphs"] = compiled_graph_count() - graphs
+            record["max_abs_diff"] = float((first.float() - eager[path][0].float()).abs().max())
+            call(m, path)
+            ms = clock(m, path)
+            record.update(ms_per_call=round(ms, 3), speedup=round(eager[path][1] / ms, 3))
+        except Exception as error:
+            record["error"] = error_line(error)
+        emit(args.result, record)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -524,20 +603,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="also write the JSON summary to this file")
     p.add_argument("--log", help="append every part's own output to this file")
     p.add_argument("--cpu-smoke", action="store_true", help="the same code paths with tiny sizes on the CPU")
-    p.add_argument("--skip", nargs="*", default=[], choices=("tests", "speed", "fit", "compile"))
+    p.add_argument("--skip", nargs="*", default=[], choices=("rehearsal", "tests", "speed", "fit", "compile"))
     p.add_argument("--deadline", type=float, default=DEADLINE, help="seconds all parts share (GPU)")
-    p.add_argument("--fit-steps", type=int, default=None, help="most steps per precision (GPU 4000, smoke 8)")
+    p.add_argument("--fit-steps", type=int, default=None, help="most timed-fit steps per precision (GPU 4000, smoke 8)")
     p.add_argument("--fit-seconds", type=float, default=None, help="most timed training seconds per precision")
     p.add_argument("--fit-warmup", type=int, default=None, help="untimed steps first (GPU 100, smoke 3)")
-    p.add_argument("--sync-steps", type=int, default=None, help="steps run under the sync guard (GPU 20, smoke 2)")
+    p.add_argument("--sync-steps", type=int, default=None, help="steps of the sync check (GPU 12, smoke 12)")
     p.add_argument("--verbose", action="store_true", help="copy the parts' output to stderr")
-    p.add_argument("--worker", choices=("fit", "compile"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("fit", "compile", "rehearsal"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    p.add_argument("--seconds", type=float, default=60.0, help=argparse.SUPPRESS)  # a worker's time
     args = p.parse_args(argv)
     smoke = args.cpu_smoke
     for name, gpu, cpu in (("fit_steps", 4000, 8), ("fit_seconds", 30.0, 60.0), ("fit_warmup", 100, 3),
-                           ("sync_steps", 20, 2)):
+                           ("sync_steps", 12, 12)):
         if getattr(args, name) is None:
             setattr(args, name, cpu if smoke else gpu)
     return args
@@ -546,7 +626,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        {"fit": worker_fit, "compile": worker_compile}[args.worker](args)
+        {"fit": worker_fit, "compile": worker_compile, "rehearsal": worker_rehearsal}[args.worker](args)
         return
     summary = main_parent(args)
     line = json.dumps(summary)

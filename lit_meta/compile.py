@@ -49,7 +49,9 @@ class TaskCompiler:
 
     def _compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         backend = BACKENDS.get(self.mode)
-        compiled = torch.compile(fn, backend=backend) if backend else torch.compile(fn, mode=self.mode)
+        # fullgraph: a graph break would run the rest eagerly and quietly; here it is an error
+        compiled = torch.compile(fn, backend=backend, fullgraph=True) if backend else \
+            torch.compile(fn, mode=self.mode, fullgraph=True)
         if self.mode not in CUDA_GRAPHS:
             return compiled
 

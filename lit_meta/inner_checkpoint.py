@@ -53,7 +53,7 @@ non-deterministic kernel; that moves the point the Hessian is taken at by roundi
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -116,7 +116,7 @@ class StepPlan:
     rule_names: list[str]
     state: StateLayout
     device_type: str
-    autocast: tuple[bool, torch.dtype]
+    autocast: tuple[bool, torch.dtype] | None  # None: the device has no autocast (e.g. meta)
     # (in_dims, randomness) of each vmap level the step runs under, innermost first
     levels: tuple[tuple[tuple[int | None, ...], str], ...] = ()
 
@@ -149,6 +149,8 @@ class StepPlan:
         return fn
 
     def precision(self) -> AbstractContextManager:
+        if self.autocast is None:
+            return nullcontext()
         enabled, dtype = self.autocast
         return torch.autocast(self.device_type, dtype=dtype, enabled=enabled)
 
@@ -209,7 +211,8 @@ def recomputed_step(support_loss: Callable[..., Tensor], step: int, fast: Params
     layout = StateLayout.of(state)
     sub = [fast[n] for n in names]
     device_type = sub[0].device.type
-    autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)) \
+        if torch.amp.is_autocast_available(device_type) else None
     plan = StepPlan(support_loss, step, list(names), rest, rule, list(rule_tensors), layout, device_type, autocast)
     out = RecomputedStep.apply(plan, *sub, *(fast[n] for n in rest), *rule_tensors.values(),
                                *StateLayout.tensors(state), *data)

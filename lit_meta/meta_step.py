@@ -17,12 +17,14 @@ scaled by the world size because DDP averages the ranks' gradients.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lit_meta.internals import grad_scaler_scale
 from lit_meta.nonfinite import NonFiniteGuard
 
 if TYPE_CHECKING:
@@ -42,6 +44,11 @@ def flatten_tasks(per_task: Params) -> Tensor:
     return torch.cat([t.reshape(t.shape[0], -1) for t in per_task.values()], dim=1)
 
 
+def _no_autocast(device_type: str) -> AbstractContextManager:
+    """Autocast off on ``device_type`` (a device without autocast, e.g. ``meta``, has none to turn off)."""
+    return torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -53,11 +60,14 @@ def gradient_agreement_weights(updates: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 def task_weights(weighting: str, inner_updates: Tensor | None, num_local: int,
-                 dtype: torch.dtype = torch.float32) -> Tensor:
-    """Detached weights of this rank's ``num_local`` tasks, normalised over the global meta-batch."""
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+    """Detached weights of this rank's ``num_local`` tasks, normalised over the global meta-batch,
+    on ``device`` (default: the updates', else the CPU)."""
     world = dist.get_world_size() if _distributed() else 1
     if weighting == "uniform":
-        device = inner_updates.device if inner_updates is not None else None
+        if device is None and inner_updates is not None:
+            device = inner_updates.device
+        # filled where it is used: a host tensor moved there would be a blocking copy every step
         return torch.full((num_local,), 1.0 / (num_local * world), device=device, dtype=dtype)
     if inner_updates is None:
         raise ValueError("weighting 'gradient_agreement' needs the per-task inner updates")
@@ -120,7 +130,7 @@ class MetaStep:
         """Detached weights of this rank's ``num_local`` tasks (dtype at least fp32, on ``like``'s device)."""
         flat = flatten_tasks(inner_updates) if inner_updates and self.weighting != "uniform" else None
         dtype = torch.promote_types(like.dtype, torch.float32)
-        return task_weights(self.weighting, flat, num_local, dtype).to(like.device)
+        return task_weights(self.weighting, flat, num_local, dtype, like.device)
 
     def begin(self, module: "pl.LightningModule",
               optimizer: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
@@ -147,7 +157,7 @@ class MetaStep:
                 # at least fp32 and outside autocast: under 16-mixed an autocast einsum would round
                 # the written gradient to fp16 (and flush its small entries) before it is scaled
                 dtype = torch.promote_types(per_task.dtype, torch.float32)
-                with torch.autocast(per_task.device.type, enabled=False):
+                with _no_autocast(per_task.device.type):
                     g = torch.einsum("t,t...->...", weights.to(dtype), per_task.detach().to(dtype))
                 self.guard.note(g)
                 if scaler is not None:
@@ -161,16 +171,16 @@ class MetaStep:
                 p.grad = g if p.grad is None else p.grad + g
 
     def finish(self, module: "pl.LightningModule", optimizer: torch.optim.Optimizer, weights: Tensor) -> None:
-        """Clip, step the meta-optimizer, log the weights."""
+        """Clip, step the meta-optimizer, log the weights.
+
+        Under a Trainer the clipping happens inside the optimizer step, in the module's
+        ``on_before_optimizer_step`` (:meth:`clip`): Lightning's precision plugin calls that
+        hook after it has unscaled the fp16 gradients, and unscales exactly once per step
+        (a second ``unscale_`` raises). Without a Trainer there is no scaler: clip here."""
         scaler = _grad_scaler(module) if module._trainer is not None else None
-        if self.grad_clip is not None or self.grad_clip_value is not None:
-            if scaler is not None:
-                scaler.unscale_(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
-            if self.grad_clip_value is not None:
-                torch.nn.utils.clip_grad_value_(module.parameters(), self.grad_clip_value)
-            if self.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
-        scale = getattr(scaler, "_scale", None)
+        if module._trainer is None:
+            self.clip(module)
+        scale = grad_scaler_scale(scaler) if scaler is not None else None
         scale = scale.clone() if scale is not None else None
         if module._trainer is not None:
             step = module.trainer.global_step  # this step's index (the optimizer has not stepped yet)
@@ -180,8 +190,15 @@ class MetaStep:
         if scale is not None:
             # GradScaler lowers its scale when it finds inf/NaN in the fp16 gradients and
             # skips the step; compared on the device, so a CUDA step never waits on the host
-            self._skipped = self._skipped + (scaler._scale < scale).to(torch.int64)
+            self._skipped = self._skipped + (grad_scaler_scale(scaler) < scale).to(torch.int64)
         self._log(module, weights)
+
+    def clip(self, module: "pl.LightningModule") -> None:
+        """Clip the meta-gradient (by value, then by norm), which must be unscaled by now."""
+        if self.grad_clip_value is not None:
+            torch.nn.utils.clip_grad_value_(module.parameters(), self.grad_clip_value)
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
 
     def _log(self, module: "pl.LightningModule", weights: Tensor) -> None:
         if module._trainer is None or not getattr(module, "logging_step", lambda: True)():

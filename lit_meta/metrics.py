@@ -21,7 +21,8 @@ from torch import Tensor
 def moments(values: Tensor) -> Tensor:
     """``[Σx, Σx², n]`` of all entries of ``values``, in float64."""
     v = values.detach().double()
-    return torch.stack([v.sum(), (v * v).sum(), torch.tensor(float(v.numel()), device=v.device, dtype=v.dtype)])
+    # n filled on the device: torch.tensor(n, device=...) would copy from the host, and wait
+    return torch.stack([v.sum(), (v * v).sum(), torch.full((), float(v.numel()), device=v.device, dtype=v.dtype)])
 
 
 def mean_ci95(moment_sums: Tensor) -> tuple[float, float, float]:

@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from lit_meta.devices import pin, to_device
+
 
 Batch = TypeVar("Batch", bound="TaskBatch")
 
@@ -46,15 +48,14 @@ class TaskBatch:
         return self.support_x.shape[0]
 
     def to(self: Batch, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        # Pinned tensors (DataLoader workers with pin_memory) go to a GPU without the host
-        # waiting: Lightning calls .to(device) on a batch object without non_blocking.
-        cuda = torch.device(device).type == "cuda"
-        return type(self)(*(t.to(device, non_blocking=non_blocking or (cuda and t.is_pinned()))
-                            for t in (getattr(self, f.name) for f in fields(self))))
+        # Lightning calls .to(device) on a batch object without non_blocking: host fields go
+        # through pinned memory, non-blocking (lit_meta.devices), so the host never waits.
+        return type(self)(*(to_device(getattr(self, f.name), device) for f in fields(self)))
 
     def pin_memory(self: Batch) -> Batch:
-        """Page-locked copies (DataLoader's ``pin_memory=True`` calls this)."""
-        return type(self)(*(getattr(self, f.name).pin_memory() for f in fields(self)))
+        """Page-locked copies of the host fields (DataLoader's ``pin_memory=True`` calls this);
+        fields already on a device (episodes drawn from a pool on the GPU) stay there."""
+        return type(self)(*(pin(getattr(self, f.name)) for f in fields(self)))
 
     def slice(self: Batch, start: int, stop: int) -> Batch:
         """Tasks ``start:stop``; used to give each DDP rank its share of a global meta-batch."""

@@ -96,7 +96,7 @@ def test_anil_inner_loop_leaves_the_body_unchanged():
 
 
 def test_msl_importance_sums_to_one_and_anneals_to_the_final_step():
-    first, mid, late = (msl_importance(5, e, 10) for e in (0, 5, 10))
+    first, mid, late = (torch.tensor(msl_importance(5, e, 10), dtype=torch.float32) for e in (0, 5, 10))
     for w in (first, mid, late):
         torch.testing.assert_close(w.sum(), torch.tensor(1.0))
     torch.testing.assert_close(first, torch.full((5,), 0.2))

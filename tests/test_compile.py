@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lit_meta.algorithms import MAML, Reptile
+from lit_meta.internals import compiled_graph_count
 from lit_meta.tasks import TaskBatch, task_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -40,21 +41,27 @@ def params_after_a_meta_step(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("cls,kwargs", [(MAML, {"first_order": True}), (Reptile, {})], ids=["fomaml", "reptile"])
 def test_compiled_meta_step_equals_eager(cls, kwargs):
     eager, compiled = pair(cls, **kwargs)
+    torch.compiler.reset()
+    graphs = compiled_graph_count()
     for _ in range(2):  # the second call runs the cached compiled function
         a, b = params_after_a_meta_step(eager), params_after_a_meta_step(compiled)
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
     assert len(compiled.task_compiler.compiled) == 1 and not eager.task_compiler.compiled
+    # one whole graph (fullgraph: a break would be an error), captured once and then reused
+    assert compiled_graph_count() == graphs + 1
 
 
 def test_compiled_evaluation_equals_eager():
     eager, compiled = pair(MAML)
+    torch.compiler.reset()
+    graphs = compiled_graph_count()
     with torch.enable_grad():
         a = eager.run_tasks(batch(), 3, first_order=True, training=False)
         b = compiled.run_tasks(batch(), 3, first_order=True, training=False)
     for key in ("final_query_loss", "before_loss", "query_acc"):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
-    assert len(compiled.task_compiler.compiled) == 1
+    assert len(compiled.task_compiler.compiled) == 1 and compiled_graph_count() == graphs + 1
 
 
 def test_second_order_is_never_compiled():

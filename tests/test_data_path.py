@@ -106,6 +106,33 @@ def test_the_guard_catches_what_would_sync_a_gpu():
         host.sum().item()
 
 
+def test_pixels_are_the_same_bits_on_any_device():
+    """x/255 of every gray level: CUDA divides by a host (Python) scalar as a multiply by its
+    reciprocal, which is one ulp off for about half the levels; ``normalize`` divides by a 0-dim
+    tensor on the images' device, which both devices divide exactly (IEEE division)."""
+    from torch.overrides import TorchFunctionMode
+
+    from lit_meta.data.images import normalize
+
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    exact = levels.float() / torch.tensor(255.0)
+    reciprocal = levels.float() * (1 / torch.tensor(255.0))  # what CUDA computes for x / 255
+    assert (reciprocal != exact).sum() > 100  # why a Python divisor would not do
+    assert torch.equal(normalize(levels, [0.0], [1.0]), exact)
+
+    divisors = []
+
+    class Divisions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.div_, torch.Tensor.div, torch.Tensor.__truediv__, torch.div):
+                divisors.append(args[1])
+            return func(*args, **(kwargs or {}))
+
+    with Divisions():
+        normalize(levels.to("meta"), [0.5], [0.25])
+    assert divisors and all(isinstance(d, torch.Tensor) and d.device.type == "meta" for d in divisors)
+
+
 # ---------------------------------------------------------------------------- training steps
 @pytest.fixture(scope="module")
 def omni_npz(tmp_path_factory):

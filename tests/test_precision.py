@@ -135,3 +135,35 @@ def test_steps_the_scaler_skips_are_counted_and_are_not_divergence(tmp_path):
 def test_a_plain_16_mixed_on_cpu_is_bf16():
     trainer = pl.Trainer(accelerator="cpu", precision="16-mixed", logger=False)
     assert trainer.precision == "bf16-mixed" and getattr(trainer.precision_plugin, "scaler", None) is None
+
+
+class ClippedNorm(pl.Callback):
+    """The meta-gradient's norm after the optimizer step (the .grad Lightning unscaled and the module clipped)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        self.norms.append(torch.stack([g.float().norm() for g in grads]).norm().item())
+
+
+@pytest.mark.parametrize("clip", [{"grad_clip": 1e-3}, {"grad_clip": 1e-3, "grad_clip_value": 1e-4}])
+def test_16_mixed_with_clipping_unscales_once_and_clips_the_unscaled_gradient(tmp_path, clip):
+    """Lightning's MixedPrecision plugin with an fp16 GradScaler (what 16-mixed is on CUDA) unscales
+    the gradients once per step; the clip must act after that, on the true gradient. Clipping in
+    the meta-step before the plugin's own unscale raised "unscale_() has already been called on
+    this optimizer since the last update()" at step 0; clipping the scaled gradient would leave
+    a norm of 1e-3 / 2^8 after unscaling."""
+    dm = SineDataModule(meta_batch_size=8)
+    model = MAML(task_spec=dm.task_spec, meta_batch_size=8, **clip)
+    watch = ClippedNorm()
+    plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))]
+    trainer = pl.Trainer(accelerator="cpu", plugins=plugins, max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+                         limit_val_batches=0, callbacks=[watch], default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    assert model.meta_step.skipped_steps == 0 and len(watch.norms) == 3
+    # the raw meta-gradient norm of sine MAML at init is O(1): the clip binds at every step
+    for norm in watch.norms:
+        assert norm == pytest.approx(1e-3, rel=1e-3) if "grad_clip_value" not in clip else 0 < norm <= 1e-3 * 1.001

@@ -42,6 +42,7 @@ from lit_meta.algorithms.episodic import adapt_task, outer_update_in_chunks, run
 from lit_meta.algorithms.meta_module import MetaModule
 from lit_meta.compile import TaskCompiler
 from lit_meta.data.base import derive_seed
+from lit_meta.devices import to_device
 from lit_meta.inner import Adapted, Params
 from lit_meta.inner_checkpoint import recompute_problem
 from lit_meta.metrics import mean_ci95, moments
@@ -207,10 +208,7 @@ class MetaLearner(MetaModule):
             draws.append(torch.rand(passes, n, generator=generator))
         order = torch.stack(draws).argsort(-1).reshape(tasks, passes * n)
         rows = order[:, :total].reshape(tasks, steps, size)
-        device = support_x.device
-        if device.type == "cuda":
-            return rows.pin_memory().to(device, non_blocking=True)  # no host sync
-        return rows.to(device)
+        return to_device(rows, support_x.device)  # pinned, non-blocking: no host sync
 
     # ------------------------------------------------------------------ what one task computes
     def forward_fn(self, params: Params, x: Tensor, step: int = 0) -> Tensor:

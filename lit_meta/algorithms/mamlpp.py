@@ -42,16 +42,20 @@ from lit_meta.models.layers import PerStepBatchNorm
 from lit_meta.update_rules import SGD, CarryForward, UpdateRule
 
 
-def msl_importance(steps: int, epoch: int, msl_epochs: int) -> Tensor:
-    """Per-step loss importance at ``epoch`` (Antoniou et al.'s schedule); sums to 1."""
-    weights = torch.full((steps,), 1.0 / steps, dtype=torch.float64)
+def msl_importance(steps: int, epoch: int, msl_epochs: int) -> list[float]:
+    """Per-step loss importance at ``epoch`` (Antoniou et al.'s schedule); sums to 1.
+
+    Python floats (float64 arithmetic, as the reference's numpy): the objective multiplies
+    each step's loss by its weight as a scalar, so no host tensor is made, or copied to
+    the device, inside a step."""
+    weights = [1.0 / steps] * steps
     if steps == 1:
-        return weights.float()
+        return weights
     decay = 1.0 / steps / msl_epochs
     floor = 0.03 / steps
-    weights[:-1] = torch.clamp(weights[:-1] - epoch * decay, min=floor)
+    weights[:-1] = [max(w - epoch * decay, floor) for w in weights[:-1]]
     weights[-1] = min(1.0 / steps + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
-    return weights.float()
+    return weights
 
 
 class MAMLpp(MetaLearner):
@@ -102,7 +106,7 @@ class MAMLpp(MetaLearner):
         return self.first_order or self.stream_epoch() < self.first_order_epochs
 
     # -- MSL
-    def msl_weights(self) -> Tensor | None:
+    def msl_weights(self) -> list[float] | None:
         epoch = self.stream_epoch()
         if not self.msl or epoch >= self.msl_epochs or self.inner_steps < 1:
             return None
@@ -118,7 +122,8 @@ class MAMLpp(MetaLearner):
             return final_loss
         losses = [self.loss_fn(self.forward_fn(p, query_x, self.query_step(k)), query_y)
                   for k, p in enumerate(adapted.trajectory[1:], start=1)]
-        return (weights.to(final_loss) * torch.stack(losses)).sum()
+        # scalar weights: each product rounds as a float32 weight vector's would
+        return torch.stack([w * loss for w, loss in zip(weights, losses)]).sum()
 
     def query_step(self, step: int) -> int:
         # the reference's layout: the query after k steps uses the slot of step k - 1

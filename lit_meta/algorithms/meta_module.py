@@ -180,8 +180,8 @@ class MetaModule(pl.LightningModule):
         trainer = self._trainer
         if trainer is None:
             return False
-        if trainer.progress_bar_callback is not None:
-            return True
+        # (with a progress bar too: forcing every step to log would make every step read the
+        # logged values on the host; the bar shows the values of the last logging step)
         # Lightning's own rule on its own batch counter: after a resume from a checkpoint written
         # at validation end that counter runs one ahead of global_step, and a rule on global_step
         # would never again pick a step Lightning writes (the logs would lose every training value).
@@ -190,6 +190,10 @@ class MetaModule(pl.LightningModule):
             return bool(connector.should_update_logs)
         # called after the meta-optimizer stepped, so global_step counts this step
         return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 or trainer.should_stop
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # the precision plugin calls this after unscaling fp16 gradients: the one place to clip
+        self.meta_step.clip(self)
 
     # ------------------------------------------------------------------ the divergence guard
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -18,7 +18,8 @@ Peak memory (``peak_mem_mb``):
   optimizer state), and the figure is ``VmHWM - VmRSS at the reset``: the extra
   resident memory training needed at its peak, torch's allocations and Python objects
   alike. On CUDA: ``torch.cuda.max_memory_allocated`` over the steps minus the
-  allocation before them.
+  allocation before them, after one untimed step (cuBLAS and cuDNN allocate their
+  workspaces at their first call, and the optimizer its state: neither is the step's).
 - On CUDA :func:`timed` also gives each step's ``max_memory_allocated`` above the
   allocation at its start; :func:`time_interleaved` keeps the largest.
 
@@ -127,6 +128,9 @@ def peak_memory_here(case: Case, side: str = "ours", steps: int = 3) -> float:
     step = build_sides(case, [side]).steps[side]
     device = torch.device(case.device)
     if device.type == "cuda":
+        # one step first: cuBLAS/cuDNN allocate their workspaces at their first call, which
+        # would otherwise count as the step's memory (and once only, so not as its growth)
+        step()
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)

@@ -167,21 +167,27 @@ class EpisodicDataModule(pl.LightningDataModule):
         batch = self.eval_batch(split, chunk)
         return batch if (start, stop) == (0, batch.num_tasks) else batch.slice(start, stop)
 
+    def _pin(self) -> bool:
+        """Whether loaders pin host batches: training on CUDA. A batch drawn on the host (sine,
+        optimizee functions, loader workers) then reaches the GPU by a non-blocking copy
+        (``TaskBatch.to``) instead of a pageable one the host waits for; episodes drawn on
+        the GPU stay where they are (``TaskBatch.pin_memory`` pins host fields only)."""
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def train_dataloader(self) -> DataLoader:
         if not self.loader_workers:
-            return _StepLoader(_TrainStream(self), batch_size=None, num_workers=0)
-        trainer = self.trainer
-        cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
+            return _StepLoader(_TrainStream(self), batch_size=None, num_workers=0, pin_memory=self._pin())
         # fork: the workers inherit the pools (memory-mapped ones stay shared) and the
         # trainer's rank; they never touch CUDA, so forking a CUDA process is safe.
-        return _StepLoader(_TrainStream(self), batch_size=None, num_workers=self.loader_workers, pin_memory=cuda,
-                           multiprocessing_context="fork")
+        return _StepLoader(_TrainStream(self), batch_size=None, num_workers=self.loader_workers,
+                           pin_memory=self._pin(), multiprocessing_context="fork")
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(_EvalTasks(self, "val"), batch_size=None, num_workers=0)
+        return DataLoader(_EvalTasks(self, "val"), batch_size=None, num_workers=0, pin_memory=self._pin())
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(_EvalTasks(self, "test"), batch_size=None, num_workers=0)
+        return DataLoader(_EvalTasks(self, "test"), batch_size=None, num_workers=0, pin_memory=self._pin())
 
 
 class FewShotDataModule(EpisodicDataModule):

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_meta.data.base import SPLITS, FewShotDataModule, check_positive
+from lit_meta.devices import to_device
 from lit_meta.tasks import LabelledTaskBatch, TaskBatch, task_spec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -129,21 +130,16 @@ def channel_constants(values: Sequence[float], device: torch.device) -> Tensor:
 
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """uint8 ``[..., C, H, W]`` -> float32 ``(x/255 - mean) / std`` per channel."""
-    x = images.float().div_(255)
+    """uint8 ``[..., C, H, W]`` -> float32 ``(x/255 - mean) / std`` per channel.
+
+    The divisor is a 0-dim tensor on the images' device, not a Python number: CUDA divides
+    by a host scalar as a multiply by its reciprocal, which puts about half of the 256 gray
+    levels one ulp away from the CPU's x/255; tensor by tensor, both devices divide exactly
+    (IEEE division is correctly rounded), so a step's tasks are the same bits on any device."""
+    x = images.float().div_(torch.full((), 255.0, device=images.device))
     if any(m != 0 for m in mean) or any(s != 1 for s in std):
         x = (x - channel_constants(mean, x.device)) / channel_constants(std, x.device)
     return x
-
-
-def to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """A host tensor on ``device`` without a host sync: on CUDA through pinned memory with a
-    non-blocking copy (a pageable or blocking copy makes the host wait for the stream)."""
-    if tensor.device == device:
-        return tensor
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=device.type != "cpu")
 
 
 @dataclass
