@@ -22,9 +22,19 @@ class TorchThreads(pl.Callback):
         if not isinstance(num_threads, int) or num_threads < 1:
             raise ValueError(f"num_threads must be an integer >= 1, got {num_threads!r}")
         self.num_threads = num_threads
+        self._before: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._before is None:  # fit's own test (or a second fit) sets up again: keep the first
+            self._before = torch.get_num_threads()
         torch.set_num_threads(self.num_threads)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # the process's thread count as it was: a notebook or test session that fits twice, or
+        # fits and then does other work, does not stay on this config's count
+        if self._before is not None:
+            torch.set_num_threads(self._before)
+            self._before = None
 
 
 def _duration(seconds: float) -> str:

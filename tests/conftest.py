@@ -1,6 +1,7 @@
 """Shared fixtures: tiny problems, and an in-process ``train.py`` runner writing to tmp_path."""
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -13,20 +14,39 @@ REPO = Path(__file__).resolve().parent.parent
 OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
 
 
+def _imports(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - an optional package that is there but broken counts as absent
+        return False
+    return True
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``gpu`` are skipped, with the reason, where there is no CUDA device."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device, and torch sees none")
+    """Tests marked ``gpu`` are skipped where there is no CUDA device, and tests marked
+    ``learn2learn`` where that optional extra does not import, each with the reason."""
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="marked gpu: needs a CUDA device, and torch sees none")
+    if any(item.get_closest_marker("learn2learn") for item in items) and not _imports("learn2learn"):
+        skips["learn2learn"] = pytest.mark.skip(
+            reason="marked learn2learn: needs the optional learn2learn 0.2.0; install it with "
+                   "`bash benchmarks/install_learn2learn.sh`, then run `pytest -m learn2learn`")
     for item in items:
-        if item.get_closest_marker("gpu") is not None:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    """Every test starts from seed 0 and the session's thread count, whatever ran before it
+    (a fit's TorchThreads, a test's own set_num_threads): timing and float rounding of a test
+    must not depend on the order the tests run in."""
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -93,13 +93,34 @@ def test_bad_data_root_is_a_one_line_cli_error(run_cli, capsys, tmp_path):
     assert err[-1].startswith("error: ") and str(tmp_path / "missing") in err[-1]
 
 
-def test_torch_threads_callback(monkeypatch):
-    from lit_meta.callbacks import TorchThreads
+def test_torch_threads_callback_sets_the_count_for_the_fit_and_restores_it(tmp_path):
+    """In a fit the step runs at the callback's count; after it (and after a second fit in the
+    same process) the process is back at its own count."""
+    import pytorch_lightning as pl
 
-    calls = []
-    monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    TorchThreads(1).setup(None, None, "fit")
-    assert calls == [1]
+    from lit_meta.algorithms import MAML
+    from lit_meta.callbacks import TorchThreads
+    from lit_meta.data.sine import SineDataModule
+
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, *args) -> None:
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads = TorchThreads(1)
+        dm = SineDataModule(meta_batch_size=2, val_tasks=2, test_tasks=2)
+        for _ in range(2):
+            pl.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                       enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+                       callbacks=[threads, Probe()], default_root_dir=tmp_path).fit(MAML(task_spec=dm.task_spec), dm)
+            assert torch.get_num_threads() == 2
+        assert seen == [1, 1]
+    finally:
+        torch.set_num_threads(before)
     with pytest.raises(ValueError, match="num_threads"):
         TorchThreads(0)
 

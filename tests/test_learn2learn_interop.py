@@ -1,7 +1,8 @@
 """The learn2learn adapter: its episodes are exactly learn2learn's own, and our Trainer trains on them.
 
-learn2learn is an optional extra (``bash benchmarks/install_learn2learn.sh``); without it
-only the missing-install message is tested.
+learn2learn is an optional extra: the tests that use it are marked ``learn2learn`` and skip,
+with the reason, where it does not import (``bash benchmarks/install_learn2learn.sh``, then
+``pytest -m learn2learn``); without it only the missing-install message is tested.
 """
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ def ids(images: torch.Tensor) -> list[tuple[int, int]]:
 
 @pytest.fixture
 def l2l():
-    return pytest.importorskip("learn2learn")
+    import learn2learn
+
+    return learn2learn
 
 
 @pytest.fixture
@@ -62,6 +65,7 @@ def test_missing_learn2learn_says_how_to_install(monkeypatch):
         Learn2LearnDataModule(train=object())
 
 
+@pytest.mark.learn2learn
 def test_episodes_are_learn2learns_own_draws(l2l, dm):
     """Our batch holds exactly the tasks learn2learn samples when seeded as the adapter documents."""
     batch = dm.sample_tasks("train", torch.Generator().manual_seed(7), 4)
@@ -88,6 +92,7 @@ def test_episodes_are_learn2learns_own_draws(l2l, dm):
             assert ids(batch.query_x[t][batch.query_y[t] == label]) == mine[SHOTS:]
 
 
+@pytest.mark.learn2learn
 def test_sampling_is_seeded_by_step_and_leaves_global_rngs_alone(dm):
     py, npy, th = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
     a, b, c = dm.train_batch(0), dm.train_batch(0), dm.train_batch(1)
@@ -98,6 +103,7 @@ def test_sampling_is_seeded_by_step_and_leaves_global_rngs_alone(dm):
     assert torch.equal(torch.get_rng_state(), th)
 
 
+@pytest.mark.learn2learn
 def test_bad_task_shapes_are_one_line_errors(l2l, dm):
     with pytest.raises(ValueError, match="expects ways=4"):
         dm.ways = 4
@@ -107,6 +113,7 @@ def test_bad_task_shapes_are_one_line_errors(l2l, dm):
         dm.sample_tasks("train", torch.Generator().manual_seed(0), 1)
 
 
+@pytest.mark.learn2learn
 @pytest.mark.filterwarnings("ignore:.*could not find the monitored key")
 def test_maml_trains_and_tests_on_learn2learn_tasks(dm, tmp_path):
     import pytorch_lightning as pl

@@ -1,7 +1,8 @@
 """benchmarks/speed.py (over lit_meta.bench) against learn2learn: the short CI mode runs both sides, and the two
 sides compute the same meta-gradient (so the timing compares like with like).
 
-Skipped without learn2learn (``bash benchmarks/install_learn2learn.sh``).
+Marked ``learn2learn``: skipped, with the reason, where it does not import
+(``bash benchmarks/install_learn2learn.sh``, then ``pytest -m learn2learn``).
 """
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ import torch
 from benchmarks import speed
 from lit_meta.bench.case import Case, build_data, build_ours
 
-l2l = pytest.importorskip("learn2learn")
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.learn2learn, pytest.mark.usefixtures("one_thread")]  # tests/conftest.py
 
 
 @pytest.mark.parametrize("extra", [[], ["--algorithm", "fomaml", "--baseline-sampler", "taskdataset"]])
@@ -43,6 +42,8 @@ def test_both_sides_compute_the_same_meta_gradient(first_order):
     out = model.run_tasks(batch, case.inner_steps, first_order=first_order, training=True)
     out["query_loss"].mean().backward()
     ours = [p.grad.clone() for p in model.net.parameters()]
+
+    import learn2learn as l2l
 
     maml = l2l.algorithms.MAML(copy.deepcopy(model.net), lr=case.inner_lr, first_order=first_order)
     maml.zero_grad()
