@@ -46,6 +46,7 @@ from lit_meta.checkpoint import (
     use_atomic_checkpoints,
 )
 from lit_meta.data.base import EpisodicDataModule
+from lit_meta.internals import CheckpointHparamsHook
 from lit_meta.loggers import slurm_run_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ DEFAULT_CONFIG = ROOT / "configs" / "sine" / "maml.yaml"
 ROOT_LOGS = "<default_root_dir>/logs"
 
 
-class MetaCLI(LightningCLI):
+class MetaCLI(CheckpointHparamsHook, LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", {})
         defaults = {
@@ -76,9 +77,9 @@ class MetaCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="meta-test the best checkpoint when fit ends and write results.json")
 
-    def _parse_ckpt_path(self) -> None:
-        """LightningCLI's: the checkpoint's hparams (the model's class and arguments) override the
-        config. Read through lit_meta.checkpoint: a bad file is one line, a moved class is found."""
+    def parse_ckpt_hparams(self) -> None:
+        """As LightningCLI does: the checkpoint's hparams (the model's class and arguments) override
+        the config. Read through lit_meta.checkpoint: a bad file is one line, a moved class is found."""
         subcommand = self.config.get("subcommand")
         path = self._subcommand_arg("ckpt_path") if subcommand else None
         if path is None or path in SPECIAL_PATHS:

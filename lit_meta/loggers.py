@@ -14,6 +14,8 @@ from typing import Any
 
 from pytorch_lightning.loggers import WandbLogger as _WandbLogger
 
+from lit_meta.internals import wandb_is_offline, wandb_restart_offline
+
 
 def _has_api_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -51,10 +53,8 @@ class WandbLogger(_WandbLogger):
         try:
             return super().experiment
         except Exception as error:  # noqa: BLE001 - any online failure must not stop training
-            if self._offline:
+            if wandb_is_offline(self):
                 raise
             _notice(f"W&B online start failed ({type(error).__name__}); logging offline instead")
-            self._offline = True
-            self._wandb_init["mode"] = "offline"
-            self._experiment = None
+            wandb_restart_offline(self)
             return super().experiment

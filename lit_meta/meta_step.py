@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lit_meta.internals import grad_scaler_scale
+from lit_meta.internals import attached_trainer, grad_scaler_scale
 from lit_meta.nonfinite import NonFiniteGuard
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ class MetaStep:
     def begin(self, module: "pl.LightningModule",
               optimizer: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
         if optimizer is None:
-            optimizer = module.optimizers() if module._trainer is not None else module.standalone_optimizer()
+            optimizer = module.optimizers() if attached_trainer(module) is not None else module.standalone_optimizer()
         optimizer.zero_grad(set_to_none=True)
         self.guard.begin()
         return optimizer
@@ -144,7 +144,7 @@ class MetaStep:
                    task_grads: Params | None = None) -> None:
         """Add Σ_i w_i × (task i's outer gradient) to ``.grad`` for the tasks given."""
         world = dist.get_world_size() if _distributed() else 1
-        attached = module._trainer is not None
+        attached = attached_trainer(module) is not None
         scaler = _grad_scaler(module) if attached else None
         if query_losses is not None:
             # One backward, one DDP all-reduce. DDP averages over ranks, hence × world.
@@ -177,12 +177,13 @@ class MetaStep:
         ``on_before_optimizer_step`` (:meth:`clip`): Lightning's precision plugin calls that
         hook after it has unscaled the fp16 gradients, and unscales exactly once per step
         (a second ``unscale_`` raises). Without a Trainer there is no scaler: clip here."""
-        scaler = _grad_scaler(module) if module._trainer is not None else None
-        if module._trainer is None:
+        attached = attached_trainer(module) is not None
+        scaler = _grad_scaler(module) if attached else None
+        if not attached:
             self.clip(module)
         scale = grad_scaler_scale(scaler) if scaler is not None else None
         scale = scale.clone() if scale is not None else None
-        if module._trainer is not None:
+        if attached:
             step = module.trainer.global_step  # this step's index (the optimizer has not stepped yet)
         else:
             step, self._standalone_steps = self._standalone_steps, self._standalone_steps + 1
@@ -201,7 +202,7 @@ class MetaStep:
             torch.nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
 
     def _log(self, module: "pl.LightningModule", weights: Tensor) -> None:
-        if module._trainer is None or not getattr(module, "logging_step", lambda: True)():
+        if attached_trainer(module) is None or not getattr(module, "logging_step", lambda: True)():
             return
         w = weights.detach().float()
         # filled on the weights' device: a host tensor here would be copied to the GPU, and wait, every log

@@ -31,6 +31,8 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from lit_meta.internals import attached_trainer, foreach_max_abs, foreach_copy
+
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
@@ -67,9 +69,9 @@ class NonFiniteGuard:
             # (state a first step creates is restored to zero, where its optimizer starts it)
             before = {id(p): set(inner.state[p]) if p in inner.state else set() for p in params}
             tensors = params + [v for p in params for v in _moving_state(inner, p)]
-            saved = torch._foreach_mul(tensors, 1.0)  # one fused copy
+            saved = foreach_copy(tensors)  # one fused copy
             optimizer.step()
-            norms = torch._foreach_norm(params, float("inf"))  # max |x|: NaN or inf where not finite
+            norms = foreach_max_abs(params)  # max |x|: NaN or inf where not finite
             ok = torch.isfinite(torch.stack(norms)).all()
             if self._ok is not None:
                 ok = ok & self._ok
@@ -132,9 +134,10 @@ class NonFiniteGuard:
         self._counters = None
         self._reported = int(state.get("reported", 0))
 
-    def check(self, module: "pl.LightningModule") -> dict[str, Any] | None:
+    def check(self, module: "pl.LightningModule", batch: Any = None) -> dict[str, Any] | None:
         """Warn about the steps skipped since the last check; after ``max_nonfinite`` in a row,
-        set ``module.divergence`` and stop the Trainer. Returns the divergence, if any."""
+        set ``module.divergence`` and stop the Trainer. ``batch``: this step's, which the
+        module's ``divergence_cause`` may replay. Returns the divergence, if any."""
         counts = self.read()
         step = int(module.global_step)
         if counts["total"] > self._reported:
@@ -146,7 +149,7 @@ class NonFiniteGuard:
         if not counts["tripped"] or getattr(module, "divergence", None):
             return getattr(module, "divergence", None)
         start, at = counts["tripped_start"], counts["tripped_at"]
-        cause = module.divergence_cause(start)
+        cause = module.divergence_cause(start, batch)
         message = (f"training diverged: the meta-loss or the parameters were non-finite in {self.max_nonfinite} "
                    f"meta-steps in a row from step {start} (max_nonfinite={self.max_nonfinite}), so the run "
                    f"stopped at step {step}; likely cause: {cause}; the weights are those of the last finite step, before "
@@ -154,7 +157,7 @@ class NonFiniteGuard:
         module.divergence = {"diverged_at_step": start, "stopped_at_step": step, "detected_at_step": at,
                              "nonfinite_skipped": counts["total"], "cause": cause, "message": message}
         rank_zero_warn(message)
-        if module._trainer is not None:
+        if attached_trainer(module) is not None:
             module.trainer.should_stop = True
         return module.divergence
 

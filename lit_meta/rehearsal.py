@@ -34,14 +34,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from lit_meta.internals import COPY_INTO, TO_COPY, VALUE_READ_OPS, TorchDispatchMode
 from lit_meta.sync_guard import HostSyncError, innermost_frame, no_host_sync
 
-aten = torch.ops.aten
 DEVICE = torch.device("meta")
-# value reads at the dispatcher: what .item(), bool(t), int(t) and float(t) become
-VALUE_READ_OPS = {aten._local_scalar_dense.default, aten.equal.default, aten.is_nonzero.default}
 
 
 def _device_of(value: Any) -> torch.device | None:
@@ -65,13 +62,13 @@ class DeviceBoundary(TorchDispatchMode):
         on_device = [t for t in tensors if t.device == self.device]
         if func in VALUE_READ_OPS and on_device:
             self.fail(f"host read of a {self.device.type} tensor's value ({func.__name__})")
-        if func is aten._to_copy.default and args and isinstance(args[0], Tensor):
+        if func is TO_COPY and args and isinstance(args[0], Tensor):
             source, target = args[0].device, kwargs.get("device") or args[0].device
             if source.type == "cpu" and target == self.device and not kwargs.get("non_blocking", False):
                 self.fail(f"blocking copy of a host tensor {list(args[0].shape)} to {self.device.type}")
             if source == self.device and target.type == "cpu":
                 self.fail(f"copy of a {self.device.type} tensor to the host")
-        elif func is aten.copy_.default and len(args) >= 2:
+        elif func is COPY_INTO and len(args) >= 2:
             dst, src = _device_of(args[0]), _device_of(args[1])
             blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
             if dst == self.device and src is not None and src.type == "cpu" and blocking:

@@ -31,7 +31,7 @@ allowed.
 """
 from __future__ import annotations
 
-import sys
+import inspect
 import traceback
 import warnings
 from contextlib import contextmanager
@@ -92,7 +92,8 @@ def innermost_frame(stack: traceback.StackSummary | list[traceback.FrameSummary]
 
 
 def _caller_allowed() -> bool:
-    frame = sys._getframe(2)
+    frame = inspect.currentframe()
+    frame = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
     for _ in range(6):  # the mode's frames, then the call site and what called it
         if frame is None:
             return False

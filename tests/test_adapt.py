@@ -28,6 +28,7 @@ from lit_meta.data import OmniglotDataModule
 from lit_meta.data.images import normalize
 from lit_meta.metrics import mean_ci95
 from tests.image_data_fixtures import HALVES, _omniglot_files, write_omniglot_folders
+from tests.episodes import adapt_one, predict, run
 
 BACKGROUND, EVALUATION, DRAWERS = 80, 40, 6
 SMALL = {"filters": 8}
@@ -148,9 +149,9 @@ def test_png_files_give_the_datamodule_task_predictions(omni, checkpoints, tmp_p
     params = {n: p.detach() for n, p in model.inner_params().items()}
     sx, sy, qx = batch.support_x[0], batch.support_y[0], batch.query_x[0]
     with torch.enable_grad():
-        adapted = model.adapt_task(params, sx, sy, model.eval_inner_steps, first_order=True, training=False)
-        expected = model.predict(adapted.params, sx, qx, model.eval_inner_steps, training=False).detach()
-        module_acc = model.run_tasks(batch, model.eval_inner_steps, first_order=True, training=False)["query_acc"]
+        adapted = adapt_one(model, params, sx, sy, model.eval_inner_steps, first_order=True, training=False)
+        expected = predict(model, adapted.params, sx, qx, model.eval_inner_steps, training=False).detach()
+        module_acc = run(model, batch, model.eval_inner_steps, first_order=True, training=False)["query_acc"]
     assert result.outputs.shape == expected.shape == (15, 5)
     torch.testing.assert_close(result.outputs, expected, atol=1e-5, rtol=1e-5)
     assert result.predictions == [f"way{i}" for i in expected.argmax(-1).tolist()]
@@ -268,7 +269,7 @@ def paired_gain(trained: MAML, random: MAML, root: Path, seed: int = 0) -> dict[
     accuracy = {}
     for name, model in (("trained", trained), ("random", random)):
         with torch.enable_grad():
-            accuracy[name] = torch.cat([model.run_tasks(dm.eval_batch("test", c), model.eval_inner_steps,
+            accuracy[name] = torch.cat([run(model, dm.eval_batch("test", c), model.eval_inner_steps,
                                                         first_order=True, training=False)["query_acc"]
                                         for c in range(len(dm.eval_chunks("test")))]).double()
     gain = accuracy["trained"] - accuracy["random"]

@@ -13,6 +13,8 @@ from lit_meta.algorithms.mamlpp import msl_importance
 from lit_meta.meta_step import gradient_agreement_weights
 from lit_meta.tasks import TaskBatch, task_spec
 from tests.test_inner import toy_batch
+from lit_meta.episode import EpisodeContext, run_tasks
+from tests.episodes import adapt_one, predict, run
 
 TOY = task_spec("toy", "regression", [2], ways=1)
 IMAGES = task_spec("toy-images", "classification", [1, 12, 12], ways=3)
@@ -61,7 +63,7 @@ def test_reptile_rejects_second_order():
 def test_metasgd_learns_its_inner_rates_and_with_them_frozen_is_maml():
     batch = toy_batch(tasks=3)
     meta = small(MetaSGD, inner_lr=0.1, inner_steps=2)
-    out = meta.run_tasks(batch, 2, first_order=False, training=True)
+    out = run(meta, batch, 2, first_order=False, training=True)
     optimizer = torch.optim.SGD(meta.parameters(), lr=0.1)
     before = {n: a.detach().clone() for n, a in meta.inner_lrs.items()}
     meta.meta_step(meta, out["updates"], query_losses=out["query_loss"], optimizer=optimizer)
@@ -71,8 +73,8 @@ def test_metasgd_learns_its_inner_rates_and_with_them_frozen_is_maml():
     frozen = small(MetaSGD, inner_lr=0.1, inner_steps=2, learn_inner_lr=False)
     maml = small(MAML, inner_lr=0.1, inner_steps=2)
     maml.net.load_state_dict(frozen.net.state_dict())
-    a = frozen.run_tasks(batch, 2, first_order=False, training=True)["query_loss"].mean()
-    b = maml.run_tasks(batch, 2, first_order=False, training=True)["query_loss"].mean()
+    a = run(frozen, batch, 2, first_order=False, training=True)["query_loss"].mean()
+    b = run(maml, batch, 2, first_order=False, training=True)["query_loss"].mean()
     ga = torch.autograd.grad(a, list(frozen.net.parameters()))
     gb = torch.autograd.grad(b, list(maml.net.parameters()))
     torch.testing.assert_close(a, b)
@@ -83,10 +85,10 @@ def test_metasgd_learns_its_inner_rates_and_with_them_frozen_is_maml():
 
 def test_anil_inner_loop_leaves_the_body_unchanged():
     model = small(ANIL, spec=IMAGES, inner_lr=0.5, inner_steps=3)
-    out = model.run_tasks(image_batch(), 3, first_order=False, training=True)
+    out = run(model, image_batch(), 3, first_order=False, training=True)
     assert set(out["updates"]) == {"head.weight", "head.bias"}
     params = {n: p.detach() for n, p in model.net.named_parameters()}
-    adapted = model.adapt_task(params, image_batch().support_x[0], image_batch().support_y[0], 3, True, True)
+    adapted = adapt_one(model, params, image_batch().support_x[0], image_batch().support_y[0], 3, True, True)
     for name, p in params.items():
         changed = not torch.equal(adapted.params[name], p)
         assert changed == name.startswith("head."), name
@@ -108,7 +110,7 @@ def test_mamlpp_lslr_has_a_rate_per_layer_and_step():
     model = small(MAMLpp, spec=IMAGES, inner_steps=4, bnwb=False, bnrs=False)
     tensors = len(list(model.net.parameters()))
     assert sum(p.numel() for p in model.inner_lrs.values()) == 4 * tensors
-    out = model.run_tasks(image_batch(), 4, first_order=False, training=True)
+    out = run(model, image_batch(), 4, first_order=False, training=True)
     model.meta_step(model, out["updates"], query_losses=out["query_loss"],
                     optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
     rates = torch.stack(list(model.inner_lrs.values()))
@@ -121,7 +123,7 @@ def test_mamlpp_bnrs_keeps_one_set_of_statistics_per_step_and_bnwb_per_step_weig
     assert len(norms) == 4
     norm = next(iter(norms.values()))
     assert norm.running_mean.shape == (4, 4) and norm.weight.shape == (4, 4)
-    model.run_tasks(image_batch(), 3, first_order=False, training=True)
+    run(model, image_batch(), 3, first_order=False, training=True)
     # Every step slot moved away from its initial statistics, each to different values.
     assert (norm.running_mean.abs().sum(1) > 0).all()
     assert not torch.allclose(norm.running_var[0], norm.running_var[3])
@@ -133,24 +135,18 @@ def test_mamlpp_derivative_order_annealing_switches_from_first_to_second_order()
     maml.net.load_state_dict(model.net.state_dict())
     batch = toy_batch()
 
-    def grads(m, first_order):
-        loss = m.run_tasks(batch, 2, first_order=first_order, training=True)["query_loss"].mean()
+    def grads(m, first_order, ctx):
+        loss = run_tasks(m, batch, ctx, 2, first_order)["query_loss"].mean()
         return torch.autograd.grad(loss, list(m.net.parameters()))
 
-    class Epoch:  # what the module reads from a trainer here: epochs of the task stream
-        global_step = 9
-        datamodule = SimpleNamespace(steps_per_epoch=10)
-        precision = "32-true"
-
-    model._trainer = Epoch()
-    assert model.first_order_at(True) is True
-    for a, b in zip(grads(model, model.first_order_at(True)), grads(maml, True)):
+    # the task stream's epoch, as the batch's origin gives it (a DataModule's step // steps_per_epoch)
+    first_epoch, second_epoch = EpisodeContext(True, epoch=0), EpisodeContext(True, epoch=1)
+    assert model.first_order_at(first_epoch) is True
+    for a, b in zip(grads(model, model.first_order_at(first_epoch), first_epoch), grads(maml, True, first_epoch)):
         torch.testing.assert_close(a, b)
-    Epoch.global_step = 10
-    assert model.first_order_at(True) is False
-    for a, b in zip(grads(model, model.first_order_at(True)), grads(maml, False)):
+    assert model.first_order_at(second_epoch) is False
+    for a, b in zip(grads(model, model.first_order_at(second_epoch), second_epoch), grads(maml, False, second_epoch)):
         torch.testing.assert_close(a, b)
-    model._trainer = None
 
 
 def test_transfer_baseline_has_no_inner_loop_in_training():
@@ -174,7 +170,7 @@ def test_non_transductive_evaluation_predicts_each_query_beside_the_support_set(
     model = small(MAML, spec=IMAGES, transductive=False)
     batch = image_batch(tasks=1)
     params = {n: p.detach() for n, p in model.net.named_parameters()}
-    preds = model.predict(params, batch.support_x[0], batch.query_x[0], 0, training=False)
+    preds = predict(model, params, batch.support_x[0], batch.query_x[0], 0, training=False)
     for j in range(batch.query_x.shape[1]):
         alone = model.net(torch.cat([batch.support_x[0], batch.query_x[0, j : j + 1]]))[-1]
         torch.testing.assert_close(preds[j], alone, rtol=1e-4, atol=1e-5)
@@ -214,3 +210,37 @@ def test_task_chunks_give_the_whole_batch_meta_step(cls, kw, weighting):
 def test_task_chunk_size_must_be_positive():
     with pytest.raises(ValueError, match="task_chunk_size must be >= 1"):
         small(MAML, task_chunk_size=0)
+
+
+@pytest.mark.parametrize("transductive,expected_bn", [(False, "per-step running statistics"),
+                                                      ("support", "support statistics"),
+                                                      (True, "transductive")])
+def test_mamlpp_bnrs_evaluation_normalises_as_its_mode_says_and_results_json_records_it(transductive, expected_bn):
+    """With BNRS, ``transductive: false`` normalises every forward of an evaluation episode with
+    the per-step running statistics (the inner loop's too); ``support`` normalises the query with
+    the support set's statistics (it used the running statistics while results.json said
+    "support statistics": the bug); ``true`` with the query batch's own. (How each Norm
+    normalises is checked by hand in tests/test_layers.py and test_fidelity.py.)"""
+    from lit_meta.models.layers import Norm
+
+    torch.manual_seed(0)
+    model = small(MAMLpp, spec=IMAGES, inner_steps=1, transductive=transductive, bnwb=False)
+    for norm in model.per_step_norms().values():
+        with torch.no_grad():  # running statistics unlike any batch's
+            norm.running_mean.fill_(0.3)
+            norm.running_var.fill_(2.0)
+    batch = image_batch(tasks=1)
+    sx, qx = batch.support_x[0], batch.query_x[0]
+    params = {n: p.detach() for n, p in model.net.named_parameters()}
+    step = model.query_step(1)
+    got = predict(model, params, sx, qx, 1, training=False)
+    by_mode = {"running": model.forward_fn(params, qx, step, Norm(running=True)),
+               "support": model.forward_fn(params, torch.cat([sx, qx]), step, Norm(support_rows=sx.shape[0]))[
+                   sx.shape[0]:],
+               "transductive": model.forward_fn(params, qx, step)}
+    mode = {False: "running", "support": "support", True: "transductive"}[transductive]
+    torch.testing.assert_close(got, by_mode[mode])
+    assert all(not torch.allclose(got, other, atol=1e-4) for m, other in by_mode.items() if m != mode)
+    ctx = model.context(False)
+    assert ctx.bn == mode and model.inner_norm(ctx) == (Norm(running=True) if mode == "running" else Norm())
+    assert model.results_extra()["bn"] == expected_bn

@@ -12,6 +12,7 @@ import torch
 from lit_meta.algorithms import MAML, Reptile
 from lit_meta.internals import compiled_graph_count
 from lit_meta.tasks import TaskBatch, task_spec
+from tests.episodes import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -57,8 +58,8 @@ def test_compiled_evaluation_equals_eager():
     torch.compiler.reset()
     graphs = compiled_graph_count()
     with torch.enable_grad():
-        a = eager.run_tasks(batch(), 3, first_order=True, training=False)
-        b = compiled.run_tasks(batch(), 3, first_order=True, training=False)
+        a = run(eager, batch(), 3, first_order=True, training=False)
+        b = run(compiled, batch(), 3, first_order=True, training=False)
     for key in ("final_query_loss", "before_loss", "query_acc"):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
     assert len(compiled.task_compiler.compiled) == 1 and compiled_graph_count() == graphs + 1

@@ -176,7 +176,7 @@ def test_a_training_step_that_reads_a_value_is_caught(tmp_path):
     dm = SineDataModule(meta_batch_size=4)
     model = MAML(task_spec=dm.task_spec)
     update = model.outer_update
-    model.outer_update = lambda batch: {**(out := update(batch)), "loss": out["query_loss"].mean().item()}
+    model.outer_update = lambda batch, ctx=None: {**(out := update(batch, ctx)), "loss": out["query_loss"].mean().item()}
     guard_training_steps(model)
     trainer = pl.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, inference_mode=False, enable_model_summary=False,
@@ -291,3 +291,21 @@ def test_loader_workers_on_cuda_pin_and_equal_in_process(omni_npz, tmp_path):
     assert all(b.query_x.is_pinned() for b in batches)
     for step, batch in enumerate(batches):
         assert_same(batch.to("cuda").to("cpu"), dm.train_batch(step))
+
+
+def test_every_batch_says_where_its_tasks_come_from():
+    """The origin a model reads instead of the DataModule or the Trainer: split, step, global index
+    of the first task (per DDP rank and evaluation piece), seed and the stream's epoch."""
+    from lit_meta.tasks import Origin
+
+    dm = SineDataModule(meta_batch_size=4, eval_batch_size=3, val_tasks=7, steps_per_epoch=5, seed=11)
+    assert dm.train_batch(12).origin == Origin("train", 12, 0, 11, 2)
+    dm.trainer = _AtStep(12)
+    dm.trainer.global_rank, dm.trainer.world_size = 1, 2
+    assert dm.train_batch(12).origin == Origin("train", 12, 2, 11, 2)  # rank 1's half
+    pieces = dm.eval_pieces("val", 1, 2)  # tasks 3..6: the whole second chunk, the first task of the third
+    firsts = [dm.eval_piece("val", *piece).origin.first_task for piece in pieces]
+    assert firsts == [3, 6] and dm.eval_piece("val", *pieces[0]).origin.split == "val"
+    batch = dm.eval_batch("val", 1)
+    moved = batch.slice(1, 3).to("cpu").pin_memory()
+    assert moved.origin == Origin("val", 0, 4, 11) and moved.num_tasks == 2

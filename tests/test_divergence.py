@@ -24,6 +24,7 @@ from lit_meta.data import OptimizeeDataModule, Quadratic
 from lit_meta.data.sine import SineDataModule
 from lit_meta.sync_guard import guard_training_steps
 from tests.conftest import sine_config
+from tests.episodes import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,7 +102,7 @@ def test_a_finite_step_is_the_optimizers_own_step_bit_for_bit():
     batch = dm.train_batch(0)
     model.outer_update(batch)
     optimizer = torch.optim.Adam(reference.parameters(), lr=reference.meta_lr)
-    out = reference.run_tasks(batch, 2, first_order=False, training=True)
+    out = run(reference, batch, 2, first_order=False, training=True)
     (out["query_loss"] / 4).sum().backward()  # the uniform weights 1/4
     optimizer.step()
     for key, value in snapshot(reference).items():

@@ -16,6 +16,8 @@ from lit_meta.models.layers import PerStepBatchNorm
 from lit_meta.tasks import LabelledTaskBatch, TaskBatch, task_spec
 from lit_meta.update_rules import SGD, Adam, CarryForward
 from tests.image_data_fixtures import omniglot_arrays, write_omniglot_npz
+from lit_meta.episode import EpisodeContext, inner_schedule
+from tests.episodes import adapt_one, predict, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -49,8 +51,8 @@ def test_mamlpp_inner_updates_of_per_step_bn_weights_reach_the_later_steps():
                        bnrs=False, msl=False, adapt_bn=adapt_bn).double()
         x = batch.support_x[0].double()
         params = {n: p for n, p in model.net.named_parameters()}
-        adapted = model.adapt_task(params, x, batch.support_y[0], 3, first_order=False, training=True)
-        outs[adapt_bn] = model.predict(adapted.params, x, batch.query_x[0].double(), 3, training=True)
+        adapted = adapt_one(model, params, x, batch.support_y[0], 3, first_order=False, training=True)
+        outs[adapt_bn] = predict(model, adapted.params, x, batch.query_x[0].double(), 3, training=True)
         if adapt_bn:
             loss = F.cross_entropy(outs[adapt_bn], batch.query_y[0])
             rates = [model.inner_lrs.of(n) for n in model.norm_parameter_names() if n.endswith("weight")]
@@ -81,7 +83,7 @@ def test_mamlpp_reference_layout_predicts_the_query_with_the_last_steps_slot():
     params = dict(model.net.named_parameters())
     x, q = image_batch().support_x[0], image_batch().query_x[0]
     for steps, slot in ((3, 2), (2, 1), (1, 0), (0, 0)):
-        torch.testing.assert_close(model.predict(params, x, q, steps, training=True), model.forward_fn(params, q, slot))
+        torch.testing.assert_close(predict(model, params, x, q, steps, training=True), model.forward_fn(params, q, slot))
     legacy = MAMLpp(task_spec=IMAGES, backbone_kwargs={"filters": 4}, inner_steps=3)
     assert next(iter(legacy.per_step_norms().values())).weight.shape[0] == 4  # the query's own slot
 
@@ -96,7 +98,7 @@ def test_sum_over_shots_inner_loss_is_ways_times_the_mean(shots):
     for reduction, lr in (("sum_over_shots", 0.1), ("mean", 0.3)):
         torch.manual_seed(0)
         model = MAML(task_spec=IMAGES, backbone_kwargs={"filters": 4}, inner_lr=lr, inner_loss_reduction=reduction)
-        adapted[reduction] = model.adapt_task(params_of(model), batch.support_x[0], batch.support_y[0], 1,
+        adapted[reduction] = adapt_one(model, params_of(model), batch.support_x[0], batch.support_y[0], 1,
                                               first_order=True, training=False).params
     for name, p in adapted["mean"].items():
         torch.testing.assert_close(adapted["sum_over_shots"][name], p, rtol=1e-5, atol=1e-6)
@@ -108,7 +110,7 @@ def test_sum_over_shots_meta_loss_is_n_query_over_k_times_the_mean():
     for reduction in ("mean", "sum_over_shots"):
         torch.manual_seed(0)
         model = MAML(task_spec=IMAGES, backbone_kwargs={"filters": 4}, meta_loss_reduction=reduction)
-        out[reduction] = model.run_tasks(batch, 1, first_order=False, training=True)["query_loss"].detach()
+        out[reduction] = run(model, batch, 1, first_order=False, training=True)["query_loss"].detach()
     torch.testing.assert_close(out["sum_over_shots"], out["mean"] * 15 / 2)
 
 
@@ -118,7 +120,7 @@ def test_adapt_bn_false_keeps_batch_norm_out_of_the_inner_loop():
     assert not set(model.adapt_names()) & model.norm_parameter_names()
     batch = image_batch(tasks=1)
     before = params_of(model)
-    after = model.adapt_task(before, batch.support_x[0], batch.support_y[0], 2, first_order=True, training=False).params
+    after = adapt_one(model, before, batch.support_x[0], batch.support_y[0], 2, first_order=True, training=False).params
     for name in model.norm_parameter_names():
         assert torch.equal(after[name], before[name])
     assert not torch.equal(after["head.weight"], before["head.weight"])
@@ -142,11 +144,11 @@ def test_support_statistics_bn_predicts_each_query_example_independently_of_the_
     batch = image_batch(tasks=1, queries=3)
     params = params_of(model)
     sx, qx = batch.support_x[0], batch.query_x[0]
-    all_at_once = model.predict(params, sx, qx, 0, training=False)
+    all_at_once = predict(model, params, sx, qx, 0, training=False)
     for j in range(qx.shape[0]):
-        torch.testing.assert_close(all_at_once[j], model.predict(params, sx, qx[j:j + 1], 0, training=False)[0])
+        torch.testing.assert_close(all_at_once[j], predict(model, params, sx, qx[j:j + 1], 0, training=False)[0])
     # and the statistics are the support set's: its own outputs are the transductive ones of the support batch
-    torch.testing.assert_close(model.predict(params, sx, sx, 0, training=False), model.forward_fn(params, sx, 0))
+    torch.testing.assert_close(predict(model, params, sx, sx, 0, training=False), model.forward_fn(params, sx, 0))
     assert not torch.allclose(all_at_once, model.forward_fn(params, qx, 0), atol=1e-4)
     assert model.results_extra()["bn"] == "support statistics"
 
@@ -158,7 +160,7 @@ def test_inner_mini_batches_train_each_step_on_its_scheduled_rows():
     model = Reptile(task_spec=IMAGES, backbone_kwargs={"filters": 4}, inner_optimizer="sgd", inner_lr=0.1,
                     inner_steps=3, inner_batch_size=4)
     batch = image_batch(tasks=2, shots=4)  # 12 support examples: 3 steps of 4 = one pass
-    schedule = model.inner_schedule(batch.support_x, 3, training=True)
+    schedule = inner_schedule(batch.support_x, 3, model.inner_batch_size, EpisodeContext(True, step=0))
     assert schedule.shape == (2, 3, 4)
     for task in range(2):
         assert sorted(schedule[task].reshape(-1).tolist()) == list(range(12))
@@ -170,11 +172,12 @@ def test_inner_mini_batches_train_each_step_on_its_scheduled_rows():
         loss = F.cross_entropy(functional_call(model.net, expected, (x[rows],)), y[rows])
         grads = torch.autograd.grad(loss, list(expected.values()))
         expected = {n: p - 0.1 * g for (n, p), g in zip(expected.items(), grads)}
-    out = model.run_tasks(batch, 3, first_order=True, training=True, differentiable=False, query=False)
+    out = run(model, batch, 3, first_order=True, training=True, differentiable=False, query=False)
     for name, p in params.items():
         torch.testing.assert_close(p - out["updates"][name][1], expected[name].detach(), rtol=1e-5, atol=1e-6)
-    model.schedule_index = 1  # another training step: other rows
-    assert not torch.equal(model.inner_schedule(batch.support_x, 3, training=True), schedule)
+    # another training step: other rows
+    assert not torch.equal(inner_schedule(batch.support_x, 3, model.inner_batch_size, EpisodeContext(True, step=1)),
+                           schedule)
 
 
 def test_persistent_inner_adam_continues_one_optimizer_across_tasks():
@@ -197,7 +200,7 @@ def test_persistent_inner_adam_continues_one_optimizer_across_tasks():
             optimizer.zero_grad()
             F.cross_entropy(functional_call(model.net, reference, (x,)), y).backward()
             optimizer.step()
-        out = model.run_tasks(TaskBatch(x[None], y[None], x[None], y[None]), 3, first_order=True, training=True,
+        out = run(model, TaskBatch(x[None], y[None], x[None], y[None]), 3, first_order=True, training=True,
                               differentiable=False, query=False)
         for n, p in reference.items():
             torch.testing.assert_close(start[n] - out["updates"][n][0], p.detach(), rtol=1e-7, atol=1e-9)
@@ -208,7 +211,7 @@ def test_persistent_inner_adam_continues_one_optimizer_across_tasks():
     # evaluation starts from the carried state and leaves it alone
     before = v["head.weight"].clone()
     evaluation = image_batch(tasks=2)
-    model.run_tasks(TaskBatch(evaluation.support_x.double(), evaluation.support_y, evaluation.query_x.double(),
+    run(model, TaskBatch(evaluation.support_x.double(), evaluation.support_y, evaluation.query_x.double(),
                               evaluation.query_y), 5, first_order=True, training=False)
     assert torch.equal(model.inner_state.get()[1]["head.weight"], before)
     assert "inner_state.t" in model.state_dict()  # in checkpoints: a resume continues it
@@ -400,4 +403,7 @@ def test_options_newer_than_a_checkpoint_take_their_defaults():
     defaults = signature_defaults(MAMLpp)
     assert defaults["query_slot"] is True and defaults["adapt_bn"] is None and defaults["inner_loss_reduction"] == "mean"
     assert signature_defaults(Reptile)["meta_optimizer"] == "sgd"  # the subclass's default wins
-    assert "weighting" not in signature_defaults(LearningToLearn)  # not an argument it takes
+    # every outer-loop option reaches the learned optimizer through **kwargs (MetaModule's); the
+    # inner loop's (MetaLearner's) are not arguments it takes
+    assert signature_defaults(LearningToLearn)["weighting"] == "uniform"
+    assert "inner_lr" not in signature_defaults(LearningToLearn)

@@ -10,13 +10,14 @@ import torch
 from lit_meta.algorithms import MAML
 from lit_meta.data.sine import SineDataModule
 from lit_meta.tasks import TaskBatch, task_spec
+from tests.episodes import run
 
 pytestmark = pytest.mark.gpu
 
 
 def _meta_grad(model: MAML, batch: TaskBatch) -> dict[str, torch.Tensor]:
     model.zero_grad()
-    out = model.run_tasks(batch, 2, first_order=False, training=True)
+    out = run(model, batch, 2, first_order=False, training=True)
     out["query_loss"].mean().backward()
     return {n: p.grad.detach().cpu() for n, p in model.net.named_parameters()}
 

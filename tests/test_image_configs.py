@@ -10,6 +10,7 @@ import yaml
 
 from tests.conftest import REPO
 from tests.image_data_fixtures import mini_arrays, omniglot_arrays, write_mini_pickles, write_omniglot_npz
+from tests.episodes import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -149,7 +150,7 @@ def test_checkpoint_meta_tests_on_another_datamodule(run_cli, capsys, tmp_path):
                             eval_queries=2, eval_rotations=True)  # the quick config's test protocol
     dm.setup("test")
     assert set(dm.pools["test"].names) == {f"images_evaluation/{c}" for c in range(40)}
-    accs = torch.cat([model.run_tasks(dm.eval_batch("test", i), model.eval_inner_steps, first_order=True,
+    accs = torch.cat([run(model, dm.eval_batch("test", i), model.eval_inner_steps, first_order=True,
                                       training=False)["query_acc"] for i in range(2)])
     assert logged["test/tasks"] == 6
     assert logged["test/acc"] == pytest.approx(accs.double().mean().item(), abs=1e-6)

@@ -8,6 +8,7 @@ from torch.func import functional_call
 from lit_meta.algorithms import MAML
 from lit_meta.inner import SGD, Adam, adapt
 from lit_meta.tasks import TaskBatch, task_spec
+from tests.episodes import adapt_one, run
 
 
 def tiny_maml(inner_steps: int = 2, first_order: bool = False, lr: float = 0.3) -> MAML:
@@ -40,7 +41,7 @@ def reference_meta_grad(model: MAML, batch: TaskBatch, steps: int, first_order: 
 
 
 def engine_meta_grad(model: MAML, batch: TaskBatch, steps: int, first_order: bool):
-    out = model.run_tasks(batch, steps, first_order=first_order, training=True)
+    out = run(model, batch, steps, first_order=first_order, training=True)
     loss = out["query_loss"].mean()
     params = dict(model.net.named_parameters())
     return dict(zip(params, torch.autograd.grad(loss, list(params.values())))), out
@@ -63,9 +64,9 @@ def test_second_order_matches_finite_differences():
         for k in range(flat.numel()):
             old = flat[k].item()
             flat[k] = old + eps
-            up = model.run_tasks(batch, 2, True, True)["query_loss"].mean().item()
+            up = run(model, batch, 2, True, True)["query_loss"].mean().item()
             flat[k] = old - eps
-            down = model.run_tasks(batch, 2, True, True)["query_loss"].mean().item()
+            down = run(model, batch, 2, True, True)["query_loss"].mean().item()
             flat[k] = old
             # first_order only changes the gradient, not the loss value, so this is the MAML objective.
             assert abs((up - down) / (2 * eps) - ours[name].view(-1)[k].item()) < 1e-6
@@ -103,12 +104,12 @@ def test_first_order_gradient_is_query_gradient_at_adapted_params():
 
 def test_vmap_equals_python_loop_over_tasks():
     model, batch = tiny_maml(inner_steps=3), toy_batch(tasks=5)
-    out = model.run_tasks(batch, 3, first_order=False, training=True)
+    out = run(model, batch, 3, first_order=False, training=True)
     params = dict(model.net.named_parameters())
     grads_vmap = torch.autograd.grad(out["query_loss"].sum(), list(params.values()))
     losses, grads_loop = [], [torch.zeros_like(p) for p in params.values()]
     for i in range(batch.num_tasks):
-        one = model.run_tasks(batch.slice(i, i + 1), 3, first_order=False, training=True)
+        one = run(model, batch.slice(i, i + 1), 3, first_order=False, training=True)
         losses.append(one["query_loss"][0])
         for acc, g in zip(grads_loop, torch.autograd.grad(one["query_loss"][0], list(params.values()))):
             acc += g
@@ -119,10 +120,10 @@ def test_vmap_equals_python_loop_over_tasks():
 
 def test_adaptation_lowers_support_loss_and_updates_are_theta_minus_theta_prime():
     model, batch = tiny_maml(inner_steps=5, lr=0.05), toy_batch()
-    out = model.run_tasks(batch, 5, first_order=True, training=False)
+    out = run(model, batch, 5, first_order=True, training=False)
     assert (out["query_loss"].shape, out["before_loss"].shape) == ((3,), (3,))
     params = {n: p.detach() for n, p in model.net.named_parameters()}
-    adapted = model.adapt_task(params, batch.support_x[0], batch.support_y[0], 5, True, False)
+    adapted = adapt_one(model, params, batch.support_x[0], batch.support_y[0], 5, True, False)
     assert adapted.support_losses[-1] < adapted.support_losses[0]
     for n in params:
         torch.testing.assert_close(out["updates"][n][0], params[n] - adapted.params[n])

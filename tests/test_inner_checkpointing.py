@@ -18,6 +18,7 @@ from lit_meta.tasks import TaskBatch
 from tests.conftest import sine_config
 from tests.test_algorithms import IMAGES, TOY, image_batch, small
 from tests.test_inner import toy_batch
+from tests.episodes import run
 
 CASES = {
     "maml_1_step": (MAML, TOY, {"inner_steps": 1}),
@@ -159,7 +160,7 @@ def test_recomputation_runs_under_the_forward_s_precision(precision, backward_in
         model._trainer = Probe()  # what MetaLearner.inner_precision reads
         params = list(model.net.parameters())
         with torch.autocast("cpu", dtype=dtype):
-            loss = model.run_tasks(image_batch(tasks=3), 3, first_order=False, training=True)["query_loss"].float().mean()
+            loss = run(model, image_batch(tasks=3), 3, first_order=False, training=True)["query_loss"].float().mean()
             if backward_in_autocast:
                 grads[checkpoint] = torch.autograd.grad(loss, params)
         if not backward_in_autocast:
@@ -201,7 +202,7 @@ def test_checkpointed_graph_grows_by_the_parameter_trajectory_only():
     def held(steps: int, checkpoint: bool) -> int:
         torch.manual_seed(0)
         model = small(MAML, spec=IMAGES, inner_steps=steps, inner_checkpointing=checkpoint)
-        out = model.run_tasks(batch, steps, first_order=False, training=True)
+        out = run(model, batch, steps, first_order=False, training=True)
         return graph_bytes(out["query_loss"].sum())
 
     trajectory_step = batch.num_tasks * sum(p.numel() * p.element_size() for p in small(MAML, spec=IMAGES).parameters())
@@ -272,7 +273,7 @@ def test_checkpointed_meta_gradient_on_cuda_equals_the_stored_graph_one():
         torch.manual_seed(0)
         model = small(MAMLpp, spec=IMAGES, inner_steps=3, inner_lr=0.3, inner_checkpointing=checkpoint).double().cuda()
         batch = double(image_batch(tasks=4)).to("cuda")
-        out = model.run_tasks(batch, 3, first_order=False, training=True)
+        out = run(model, batch, 3, first_order=False, training=True)
         grads[checkpoint] = torch.autograd.grad(out["query_loss"].mean(), list(model.parameters()), allow_unused=True)
     for s, c in zip(grads[False], grads[True]):
         if s is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lit_meta.models.layers import PerStepBatchNorm
+from lit_meta.models.layers import Norm, PerStepBatchNorm
 
 
 def test_batch_norm_matches_native_to_second_order():
@@ -31,14 +31,15 @@ def test_batch_norm_matches_native_to_second_order():
 
 def test_recorded_stats_and_running_stats_path():
     norm = PerStepBatchNorm(3, steps=2)
-    norm.record_stats = True
     x = torch.randn(8, 3, 4, 4)
-    norm(x, step=1)
-    slot, mean, var = norm.last_stats
+    recorded: list = []
+    norm(x, step=1, norm=Norm(record=recorded))
+    [(slot, mean, var)] = recorded
     assert slot == 1
     torch.testing.assert_close(mean, x.mean((0, 2, 3)))
     torch.testing.assert_close(var, x.var((0, 2, 3), unbiased=False))
     norm.update_running_stats(slot, mean, var)
-    norm.use_running_stats = True
     expected = (x - norm.running_mean[1].view(1, -1, 1, 1)) * torch.rsqrt(norm.running_var[1].view(1, -1, 1, 1) + norm.eps)
-    torch.testing.assert_close(norm(x, step=1), expected)
+    torch.testing.assert_close(norm(x, step=1, norm=Norm(running=True)), expected)
+    # the layer holds no mode of its own: the next forward normalises with the batch again
+    torch.testing.assert_close(norm(x, step=1), F.batch_norm(x, None, None, training=True, eps=norm.eps))

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tests.episodes import run
 
 CLASSES, PER_CLASS, WAYS, SHOTS, QUERIES = 12, 6, 3, 2, 1
 
@@ -134,7 +135,7 @@ def test_maml_trains_and_tests_on_learn2learn_tasks(dm, tmp_path):
     assert metrics["test/tasks"] == 8
     # the reported accuracy and loss are the means over the 8 fixed test tasks
     with torch.enable_grad():
-        outs = [model.run_tasks(dm.eval_batch("test", c), model.eval_inner_steps, first_order=True, training=False)
+        outs = [run(model, dm.eval_batch("test", c), model.eval_inner_steps, first_order=True, training=False)
                 for c in range(len(dm.eval_chunks("test")))]
     assert metrics["test/acc"] == pytest.approx(torch.cat([o["query_acc"] for o in outs]).mean().item(), abs=1e-6)
     assert metrics["test/loss"] == pytest.approx(torch.cat([o["final_query_loss"] for o in outs]).mean().item(),

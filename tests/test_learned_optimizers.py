@@ -19,6 +19,7 @@ from lit_meta.data import MLPClassification, OptimizeeDataModule, Quadratic
 from lit_meta.models.lstm_optimizers import preprocess
 from lit_meta.tasks import TaskBatch, task_spec
 from tests.conftest import REPO
+from tests.episodes import adapt_one, run
 
 E = math.exp(10.0)
 
@@ -84,7 +85,7 @@ def test_meta_lstm_with_f_one_and_i_alpha_is_sgd():
     y = torch.randint(2, (2, 6), generator=g)
     params = dict(model.net.named_parameters())
     for task in range(2):
-        adapted = model.adapt_task(params, x[task], y[task], steps, first_order=True, training=True)
+        adapted = adapt_one(model, params, x[task], y[task], steps, first_order=True, training=True)
         fast = {n: p.detach().clone() for n, p in params.items()}
         for _ in range(steps):
             fast = {n: p.requires_grad_() for n, p in fast.items()}
@@ -94,7 +95,7 @@ def test_meta_lstm_with_f_one_and_i_alpha_is_sgd():
         for n in fast:
             torch.testing.assert_close(adapted.params[n].detach(), fast[n], rtol=1e-12, atol=1e-14)
     # ... and the vmapped meta-batch path gives the same query losses.
-    out = model.run_tasks(TaskBatch(x, y, x, y), steps, first_order=True, training=True)
+    out = run(model, TaskBatch(x, y, x, y), steps, first_order=True, training=True)
     assert out["query_loss"].shape == (2,) and out["query_loss"].requires_grad
 
 
@@ -103,7 +104,7 @@ def test_meta_lstm_outer_gradient_reaches_init_and_lstm():
     model = MetaLSTM(spec, backbone="mlp", backbone_kwargs={"hidden": (4,)}, inner_steps=2)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(3, 6, 3, generator=g), torch.randint(2, (3, 6), generator=g)
-    out = model.run_tasks(TaskBatch(x, y, x, y), 2, first_order=True, training=True)
+    out = run(model, TaskBatch(x, y, x, y), 2, first_order=True, training=True)
     out["query_loss"].mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -124,7 +125,7 @@ def train_quadratic(root: Path, seed: int = 0) -> tuple[LearningToLearn, Optimiz
     pl.seed_everything(seed)
     dm = OptimizeeDataModule(Quadratic(), meta_batch_size=32, steps_per_epoch=60, test_tasks=64, seed=seed)
     model = LearningToLearn(dm.task_spec, meta_batch_size=32, meta_lr=0.003)
-    before = model.loss_curves(dm.eval_batch("test", 0), model.update_rule(False))[:, -1].mean().item()
+    before = model.loss_curves(dm.eval_batch("test", 0), model.learned_rule())[:, -1].mean().item()
     trainer = _trainer(root, 60)
     trainer.fit(model, datamodule=dm)
     path = root / "learning_to_learn.ckpt"
@@ -149,7 +150,7 @@ def check_held_out_loss(before: float, after: float) -> None:
 
 def test_short_meta_training_lowers_held_out_loss(trained_quadratic):
     model, dm, before, _ = trained_quadratic
-    after = model.loss_curves(dm.eval_batch("test", 0), model.update_rule(False))[:, -1].mean().item()
+    after = model.loss_curves(dm.eval_batch("test", 0), model.learned_rule())[:, -1].mean().item()
     check_held_out_loss(before, after)
 
 
@@ -186,7 +187,7 @@ def measure_learned_optimizer(seed: int = 0) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as folder:
         model, dm, before, path = train_quadratic(Path(folder), seed)
-        after = model.loss_curves(dm.eval_batch("test", 0), model.update_rule(False))[:, -1].mean().item()
+        after = model.loss_curves(dm.eval_batch("test", 0), model.learned_rule())[:, -1].mean().item()
         _, _, first, last = train_linear_model(path, seed)
     return {"held_out_before": before, "held_out_after": after, "linear_first": first, "linear_last": last}
 
@@ -307,7 +308,7 @@ def test_learning_to_learn_configs_instantiate(name, tmp_path, monkeypatch):
     assert isinstance(model, LearningToLearn) and model.task_spec == dm.task_spec
     assert (model.chunks, model.inner_steps, model.hparams.hidden_size, model.net.output_scale) == (5, 20, 20, 0.1)
     batch = dm.eval_batch("val", 0)
-    assert model.loss_curves(batch.slice(0, 2), model.update_rule(False), steps=2).shape == (2, 3)
+    assert model.loss_curves(batch.slice(0, 2), model.learned_rule(), steps=2).shape == (2, 3)
 
 
 @pytest.mark.parametrize("name", ["omniglot/metalstm_5w1s", "miniimagenet/metalstm_5w1s", "miniimagenet/metalstm_5w5s"])
@@ -345,7 +346,7 @@ def measure_meta_lstm_real(folder: Path, seed: int = 0) -> dict[str, float]:
                      inner_steps=5, meta_batch_size=8)
     for step in range(150):
         model.outer_update(dm.train_batch(step))
-    acc = torch.cat([model.run_tasks(dm.eval_batch("val", c), 5, first_order=True, training=False)["query_acc"]
+    acc = torch.cat([run(model, dm.eval_batch("val", c), 5, first_order=True, training=False)["query_acc"]
                      for c in range(2)]).mean().item()
     return {"val_acc": acc}
 

@@ -6,6 +6,7 @@ import torch
 
 from lit_meta.meta_step import MetaStep, gradient_agreement_weights, task_weights
 from tests.test_inner import tiny_maml, toy_batch
+from tests.episodes import run
 
 
 def test_gradient_agreement_matches_hand_computation():
@@ -39,9 +40,9 @@ def _grads_after(model, step: MetaStep, out) -> dict[str, torch.Tensor]:
 
 def test_uniform_meta_step_reproduces_plain_mean_gradient():
     model, batch = tiny_maml(inner_steps=1), toy_batch(tasks=4)
-    out = model.run_tasks(batch, 1, first_order=False, training=True)
+    out = run(model, batch, 1, first_order=False, training=True)
     ours = _grads_after(model, MetaStep("uniform"), out)
-    out = model.run_tasks(batch, 1, first_order=False, training=True)
+    out = run(model, batch, 1, first_order=False, training=True)
     ref = torch.autograd.grad(out["query_loss"].mean(), list(model.parameters()))
     for (name, g), r in zip(ours.items(), ref):
         torch.testing.assert_close(g, r)
@@ -49,9 +50,9 @@ def test_uniform_meta_step_reproduces_plain_mean_gradient():
 
 def test_gradient_agreement_meta_step_weights_the_task_gradients():
     model, batch = tiny_maml(inner_steps=1), toy_batch(tasks=4)
-    out = model.run_tasks(batch, 1, first_order=False, training=True)
+    out = run(model, batch, 1, first_order=False, training=True)
     ours = _grads_after(model, MetaStep("gradient_agreement"), out)
-    out = model.run_tasks(batch, 1, first_order=False, training=True)
+    out = run(model, batch, 1, first_order=False, training=True)
     updates = torch.cat([u.reshape(4, -1) for u in out["updates"].values()], 1)
     gram = updates @ updates.T
     w = gram.sum(1) / gram.abs().sum()

@@ -109,7 +109,7 @@ def test_learned_optimizer_checkpoint_under_its_old_class_path(run_cli, tmp_path
     ckpt, expected = FIXTURES / "l2l_quadratic.ckpt", EXPECTED["l2l_quadratic.ckpt"]
     model = load_checkpoint(ckpt)
     batch = OptimizeeDataModule(Quadratic()).eval_batch("test", 0).slice(0, 4)
-    assert_same(model.loss_curves(batch, model.update_rule(False), steps=20), expected["loss_curves"])
+    assert_same(model.loss_curves(batch, model.learned_rule(), steps=20), expected["loss_curves"])
 
     for got, values in zip(MAKE.train_linear(ckpt), expected["learned_optimizer_linear"], strict=True):
         assert_same(got, values)  # LearnedOptimizer(checkpoint=ckpt) training a linear model

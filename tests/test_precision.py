@@ -11,7 +11,7 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from lit_meta.algorithms import ANIL, MAML, MAMLpp, MetaSGD, Reptile, Transfer
-from lit_meta.algorithms.episodic import inner_precision
+from lit_meta.episode import inner_precision
 from lit_meta.data.sine import SineDataModule
 
 ALGORITHMS = {
@@ -64,7 +64,7 @@ def test_16_mixed_runs_the_inner_loop_in_fp32():
 
     model._trainer = Probe()
     with torch.autocast("cpu", dtype=torch.float16):
-        with inner_precision(model):
+        with inner_precision(model.context(True), "cpu"):
             seen.append(torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype)
         seen.append(torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype)
     model._trainer = None

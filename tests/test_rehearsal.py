@@ -82,7 +82,7 @@ def test_a_read_on_a_step_that_logs_nothing_is_reported_with_its_line(tmp_path):
     dm = SineDataModule(meta_batch_size=4, val_tasks=4, eval_batch_size=4, steps_per_epoch=5)
     model = MAML(task_spec=dm.task_spec, meta_batch_size=4)
     update = model.outer_update
-    model.outer_update = lambda batch: {**(out := update(batch)), "loss": out["query_loss"].mean().item()}
+    model.outer_update = lambda batch, ctx=None: {**(out := update(batch, ctx)), "loss": out["query_loss"].mean().item()}
     summary = fit_with_window(model, dm, tmp_path)
     assert not summary["ok"]
     [bad] = summary["syncs_not_allowed"]

@@ -11,13 +11,14 @@ import torch
 
 from lit_meta.algorithms import MAML, MetaSGD, Reptile, Transfer
 from lit_meta.data import SineDataModule
+from tests.episodes import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def _post_adaptation_mse(model: MAML, dm: SineDataModule, steps: int) -> tuple[float, float]:
     batch = dm.eval_batch("test", 0)
-    out = model.run_tasks(batch, steps, first_order=True, training=False)
+    out = run(model, batch, steps, first_order=True, training=False)
     return out["before_loss"].mean().item(), out["query_loss"].mean().item()
 
 
@@ -31,7 +32,7 @@ def measure_maml_sine(seed: int = 0) -> dict[str, float]:
     untrained.load_state_dict(model.state_dict())
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for step in range(1500):
-        out = model.run_tasks(dm.train_batch(step), 1, first_order=False, training=True)
+        out = run(model, dm.train_batch(step), 1, first_order=False, training=True)
         model.meta_step(model, out["updates"], query_losses=out["query_loss"], optimizer=optimizer)
     before, after = _post_adaptation_mse(model, dm, 10)
     _, untrained_after = _post_adaptation_mse(untrained, dm, 10)

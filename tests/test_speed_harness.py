@@ -15,6 +15,7 @@ import torch
 
 from benchmarks import speed
 from lit_meta.bench.case import Case, build_data, build_ours
+from tests.episodes import run
 
 pytestmark = [pytest.mark.learn2learn, pytest.mark.usefixtures("one_thread")]  # tests/conftest.py
 
@@ -39,7 +40,7 @@ def test_both_sides_compute_the_same_meta_gradient(first_order):
     model, _ = build_ours(case, data)
     batch = data.datamodule.train_batch(0)
 
-    out = model.run_tasks(batch, case.inner_steps, first_order=first_order, training=True)
+    out = run(model, batch, case.inner_steps, first_order=first_order, training=True)
     out["query_loss"].mean().backward()
     ours = [p.grad.clone() for p in model.net.parameters()]
 

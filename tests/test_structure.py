@@ -3,6 +3,7 @@ hook an algorithm overrides is one ``MetaLearner``'s docstring lists."""
 from __future__ import annotations
 
 import ast
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,90 @@ def test_readme_tree_names_every_module():
     missing = [str(p.relative_to(REPO)) for p in sorted(PACKAGE.rglob("*.py"))
                if p.name != "__init__.py" and p.name not in tree]
     assert not missing, f"README's How it works tree does not name {missing}"
+
+
+# ---------------------------------------------------------------------------- context is passed, not stashed
+# What an algorithm's or the episode's code may assign to ``self`` outside ``__init__``, and why:
+# none of it says what step or split is running.
+STATE_ALLOWED = {
+    "curves": "the test curves of the last test epoch, for results.json",
+    "inner_lr": "set_inner_lr: an adaptation option the user gives",
+    "classifier": "before_load_state: the transfer classifier sized by a checkpoint",
+    "tuned_lrs": "the learned optimizer's tuned baseline rates, for the test epoch",
+    "_unroll": "the learned optimizer's unroll in progress (its training state, checkpointed by design)",
+    "_standalone_optimizer": "the meta-optimizer without a Trainer, made on first use",
+    "_fit_started": "the wall clock of fit (train/wall_s)",
+    "_elapsed_before": "the wall clock of fit before a resume, from the checkpoint",
+}
+
+
+def test_no_algorithm_stashes_the_step_or_split_or_sets_a_layers_mode():
+    offences = []
+    files = sorted((PACKAGE / "algorithms").glob("*.py")) + [PACKAGE / "episode.py"]
+    for path in files:
+        for func in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(func, ast.FunctionDef) or func.name == "__init__":
+                continue
+            for node in ast.walk(func):
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+                for target in targets:
+                    if not isinstance(target, ast.Attribute):
+                        continue
+                    owner = ast.unparse(target.value)
+                    if owner == "self" and target.attr in STATE_ALLOWED:
+                        continue
+                    if owner == "self.net" and target.attr == "head" and func.name == "resize_head":
+                        continue  # a new head module for a new number of classes
+                    offences.append(f"{path.name}:{node.lineno} {func.name} sets {ast.unparse(target)}")
+    assert not offences, offences
+
+
+def test_a_batchnorm_layer_keeps_no_mode_between_forwards():
+    import torch
+
+    from lit_meta.models.layers import Norm, PerStepBatchNorm
+
+    layer = PerStepBatchNorm(3, steps=2)
+    before = {k: v for k, v in vars(layer).items() if not k.startswith("_")}
+    x = torch.randn(6, 3, 4, 4)
+    for norm in (Norm(), Norm(support_rows=2), Norm(running=True), Norm(record=[])):
+        layer(x, 1, norm)
+    assert {k: v for k, v in vars(layer).items() if not k.startswith("_")} == before
+
+
+# ---------------------------------------------------------------------------- options stated once
+def outer_loop_options() -> dict[str, object]:
+    from lit_meta.algorithms import MetaModule
+
+    parameters = inspect.signature(MetaModule.__init__).parameters
+    return {n: p.default for n, p in parameters.items() if n not in ("self", "task_spec")}
+
+
+NON_DEFAULT = {"meta_optimizer": "sgd", "meta_lr": 0.005, "lr_schedule": "cosine", "weighting": "gradient_agreement",
+               "grad_clip": 2.0, "grad_clip_value": 0.5, "min_lr": 0.001, "max_nonfinite": 3}
+
+
+def test_meta_lstm_and_the_learned_optimizer_take_every_outer_loop_option_without_restating_it():
+    """Each outer-loop option is stated once (MetaModule) and reaches both through **kwargs; a
+    shared option either restates is one whose default it changes (Meta-LSTM: the paper's clip)."""
+    from lit_meta.algorithms import LearningToLearn, MetaLearner, MetaLSTM, MetaModule
+    from lit_meta.checkpoint import signature_defaults
+    from lit_meta.data.optimizees import OptimizeeDataModule
+    from lit_meta.tasks import task_spec
+
+    assert set(NON_DEFAULT) == set(outer_loop_options())  # a new shared option must be added here
+    images = task_spec("toy", "classification", [1, 8, 8], 3)
+    for cls, spec in ((MetaLSTM, images), (LearningToLearn, OptimizeeDataModule().task_spec)):
+        restated = set(inspect.signature(cls.__init__).parameters) & set(outer_loop_options())
+        base = MetaLearner if issubclass(cls, MetaLearner) else MetaModule
+        base_defaults = signature_defaults(base)
+        assert all(signature_defaults(cls)[n] != base_defaults[n] for n in restated), (cls, restated)
+        model = cls(task_spec=spec, backbone_kwargs={"filters": 4}, **NON_DEFAULT) if cls is MetaLSTM \
+            else cls(task_spec=spec, **NON_DEFAULT)
+        step = model.meta_step
+        assert (model.meta_optimizer_name, model.meta_lr, model.lr_schedule, model.min_lr) == ("sgd", 0.005, "cosine",
+                                                                                              0.001)
+        assert (step.weighting, step.grad_clip, step.grad_clip_value, step.guard.max_nonfinite) == \
+            ("gradient_agreement", 2.0, 0.5, 3)
+        assert all(model.hparams[n] == v for n, v in NON_DEFAULT.items())  # and checkpoints record them

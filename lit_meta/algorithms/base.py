@@ -1,12 +1,26 @@
-"""``MetaLearner``: the LightningModule every few-shot algorithm inherits.
+"""``MetaLearner``: the one LightningModule of the few-shot algorithms.
 
-It holds the network (built from the data's ``task_spec``) and the inner-loop settings,
-and defines, as overridable hooks, what one task does; the per-task computation that
-calls them, ``vmap``-ed over a meta-batch, is :mod:`lit_meta.algorithms.episodic`. The
-meta-optimizer, schedule, meta-step and checkpoint plumbing come from
-:class:`~lit_meta.algorithms.meta_module.MetaModule`; evaluation reports the mean and
-95% CI over the fixed test tasks (:mod:`lit_meta.metrics`), and on the test tasks the
-metric after every inner step (``test/acc_by_step`` / ``test/mse_by_step``).
+What each piece owns:
+
+- :class:`~lit_meta.algorithms.meta_module.MetaModule` (its base): the outer loop's options
+  (meta-optimizer, learning rate and schedule, task weighting, clipping, the divergence
+  guard) and what every lit_meta model does under a Trainer: ``MetaStep``, logging
+  steps, evaluation epochs, checkpoints.
+- ``MetaLearner`` (here): the network (built from the data's ``task_spec``), the options of
+  the inner loop and of evaluation, shared by every algorithm and stated once here, and the
+  hooks of one episode with MAML's behaviour. ``training_step`` and the evaluation steps
+  build the batch's :class:`~lit_meta.episode.EpisodeContext` and pass it down; nothing
+  about the step or split in progress is stored on the module or a layer.
+- :mod:`lit_meta.episode`: the per-episode computation that calls the hooks, ``vmap``-ed
+  over a batch.
+- An algorithm (maml.py, anil.py, ...): a subclass that overrides only the hooks that
+  differ, and states only its own options (a shared option it re-states is one whose
+  default it changes); ``MetaLearner`` takes every other through ``**kwargs``, which
+  LightningCLI follows, so ``--model.init_args.<shared option>`` reaches every algorithm.
+
+Evaluation reports the mean and 95% CI over the fixed test tasks (:mod:`lit_meta.metrics`),
+and on the test tasks the metric after every inner step (``test/acc_by_step`` /
+``test/mse_by_step``).
 
 Options where the authors' code differs from lit_meta's first choices (each default keeps
 the first behaviour, so old checkpoints and configs behave as before; the paper configs
@@ -38,45 +52,49 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from lit_meta.algorithms.episodic import adapt_task, outer_update_in_chunks, run_tasks
 from lit_meta.algorithms.meta_module import MetaModule
 from lit_meta.compile import TaskCompiler
-from lit_meta.data.base import derive_seed
-from lit_meta.devices import to_device
+from lit_meta.episode import EpisodeContext, adapt_task, inner_schedule, outer_update_in_chunks, run_tasks
 from lit_meta.inner import Adapted, Params
 from lit_meta.inner_checkpoint import recompute_problem
+from lit_meta.internals import attached_trainer
 from lit_meta.metrics import mean_ci95, moments
 from lit_meta.models import build_network
-from lit_meta.models.layers import PerStepBatchNorm
+from lit_meta.models.layers import BATCH, Norm, PerStepBatchNorm
 from lit_meta.tasks import TaskBatch
 from lit_meta.update_rules import SGD, UpdateRule
 
 LOSS_REDUCTIONS = ("mean", "sum_over_shots")
-BN_MODES = {True: "transductive", False: "per_example", "support": "support"}
+TRANSDUCTIVE = {True: "transductive", False: "per_example", "support": "support"}
+BN_NAMES = {"transductive": "transductive", "per_example": "non-transductive", "support": "support statistics",
+            "running": "per-step running statistics"}
 
 
 class MetaLearner(MetaModule):
     """A few-shot meta-learning algorithm: MAML as it stands; the others override hooks.
 
-    Hooks an algorithm may override (MAML overrides none but ``algorithm_name``):
+    Hooks an algorithm may override (MAML overrides none but ``algorithm_name``); each gets
+    the episode's ``ctx`` (:class:`~lit_meta.episode.EpisodeContext`) where it may depend on it:
 
     - what adapts: ``adapt_names()`` (ANIL: the head), ``inner_params()``;
-    - how it adapts: ``update_rule(training)`` (Meta-SGD, MAML++, Reptile, Meta-LSTM),
-      ``initial_rule_state(training)`` (Reptile: the inner Adam state carried across
-      meta-steps), ``first_order_at(training)`` (MAML++: derivative-order annealing),
-      ``support_loss_fn`` (Meta-LSTM: the gradient divided by the batch size again);
-    - what a task contributes: ``trace_inner(training)``, ``query_objective(...)`` (MAML++:
+    - how it adapts: ``update_rule(ctx)`` (Meta-SGD, MAML++, Reptile, Meta-LSTM),
+      ``initial_rule_state(ctx)`` (Reptile: the inner Adam state carried across
+      meta-steps), ``first_order_at(ctx)`` (MAML++: derivative-order annealing, from the
+      context's epoch), ``support_loss_fn`` (Meta-LSTM: the gradient divided by the batch size
+      again), ``inner_batch_size_of(ctx)``;
+    - what a task contributes: ``trace_inner(ctx)``, ``query_objective(...)`` (MAML++:
       multi-step loss), ``extra_task_outputs(...)`` and ``absorb_task_outputs(out)`` (MAML++:
       per-step BN statistics out of vmap, into the buffers; Reptile: the inner Adam state),
-      ``predict(...)`` and ``query_step(step)`` (MAML++: BNRS, the per-step BN slot the query
-      reads), ``forward_fn``, ``loss_fn``, ``accuracy``;
-    - the meta-step: ``outer_update(batch)`` (Reptile, Transfer);
+      ``predict(...)``, ``evaluation_bn()`` (MAML++: BNRS's per-step running statistics at
+      non-transductive evaluation) and ``query_step(step)`` (MAML++: the per-step BN slot the
+      query reads), ``forward_fn``, ``loss_fn``, ``accuracy``;
+    - the network: ``backbone_options()`` (MAML++: per-step BatchNorm);
+    - the meta-step: ``outer_update(batch, ctx)`` (Reptile, Transfer);
     - loading: ``before_load_state(state_dict)`` (Transfer: its classifier, sized by the data);
-    - evaluation and adaptation to a new task (``lit_meta.adapt``): ``evaluation_mode(on)``
-      (MAML++: per-step running statistics), ``set_inner_lr(lr)`` (Meta-SGD, MAML++: the
-      learned rates; Meta-LSTM: refuses), ``resize_head(ways)`` (Meta-SGD: the head's rates);
+    - adaptation to a new task (``lit_meta.adapt``): ``set_inner_lr(lr)`` (Meta-SGD, MAML++:
+      the learned rates; Meta-LSTM: refuses), ``resize_head(ways)`` (Meta-SGD: the head's rates);
     - reporting: ``algorithm_name`` (MAML: fomaml when first order), ``results_extra()``,
-      ``monitor``, ``meta_parameters()``, ``divergence_cause(step)``.
+      ``monitor``, ``meta_parameters()``, ``divergence_cause(step, batch)``.
 
     No algorithm overrides a Lightning hook or a private method.
     """
@@ -91,24 +109,20 @@ class MetaLearner(MetaModule):
         eval_inner_steps: int | None = None,
         first_order: bool = False,
         meta_batch_size: int = 4,
-        meta_optimizer: str = "adam",
-        meta_lr: float = 1e-3,
-        lr_schedule: str = "constant",
-        weighting: str = "uniform",
-        grad_clip: float | None = None,
         task_chunk_size: int | None = None,
         transductive: bool | str = True,
         inner_checkpointing: bool = False,
         compile_tasks: str | None = None,
-        max_nonfinite: int = 10,
-        grad_clip_value: float | None = None,
-        min_lr: float = 0.0,
         inner_loss_reduction: str = "mean",
         meta_loss_reduction: str = "mean",
         adapt_bn: bool = True,
         inner_batch_size: int | None = None,
         eval_inner_batch_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
+        """The inner loop's and evaluation's options; ``kwargs``: the outer loop's
+        (``MetaModule``: meta_optimizer, meta_lr, lr_schedule, min_lr, weighting, grad_clip,
+        grad_clip_value, max_nonfinite)."""
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
             raise ValueError(f"inner_steps/eval_inner_steps must be >= 0, got {inner_steps}/{eval_inner_steps}")
         if inner_lr <= 0:
@@ -121,21 +135,20 @@ class MetaLearner(MetaModule):
                               ("meta_loss_reduction", meta_loss_reduction)):
             if value not in LOSS_REDUCTIONS:
                 raise ValueError(f"{option} must be one of {LOSS_REDUCTIONS}, got {value!r}")
-        if transductive not in BN_MODES:
+        if transductive not in TRANSDUCTIVE:
             raise ValueError(f"transductive must be true, false or 'support', got {transductive!r}")
         for option, value in (("inner_batch_size", inner_batch_size), ("eval_inner_batch_size", eval_inner_batch_size)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{option} must be an integer >= 1 or null, got {value!r}")
-        super().__init__(task_spec, meta_optimizer, meta_lr, lr_schedule, weighting, grad_clip,
-                         grad_clip_value=grad_clip_value, min_lr=min_lr,
-                         max_nonfinite=max_nonfinite)
+        super().__init__(task_spec, **kwargs)
         self.save_hyperparameters()
-        self.net = build_network(backbone, task_spec, **(backbone_kwargs or {}))
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.first_order = first_order
         self.meta_batch_size = meta_batch_size
+        # the network last: backbone_options() may read the options above
+        self.net = build_network(backbone, task_spec, **{**(backbone_kwargs or {}), **self.backbone_options()})
         # Tasks adapted (and, in training, back-propagated) together. None: the whole
         # meta-batch in one vmap, fastest; k: peak memory of k tasks' graphs, same gradient.
         self.task_chunk_size = task_chunk_size
@@ -144,7 +157,7 @@ class MetaLearner(MetaModule):
         self.inner_checkpointing = inner_checkpointing
         # How evaluation normalises the query (the module docstring): transductive (the MAML
         # papers), each example beside the support set (Reptile), or the support set's statistics.
-        self.bn_mode = BN_MODES[transductive]
+        self.bn_mode = TRANSDUCTIVE[transductive]
         self.transductive = self.bn_mode == "transductive"
         # torch.compile of the paths with no backward through the inner gradients (lit_meta.compile)
         self.task_compiler = TaskCompiler(compile_tasks)
@@ -152,12 +165,28 @@ class MetaLearner(MetaModule):
         self.inner_loss_reduction, self.meta_loss_reduction = inner_loss_reduction, meta_loss_reduction
         self.adapt_bn = adapt_bn
         self.inner_batch_size, self.eval_inner_batch_size = inner_batch_size, eval_inner_batch_size
-        # seed the inner mini-batch schedule: the step (0 in evaluation) and the global index
-        # of the batch's first task, so that the rows do not depend on the number of ranks
-        self.schedule_index = 0
-        self.schedule_offset = 0
-        self.eval_split = "val"
         self.curves: dict[str, list[float]] = {}  # test/acc_by_step and friends, after a test epoch
+
+    # ------------------------------------------------------------------ the network
+    def backbone_options(self) -> dict[str, Any]:
+        """More options of the network, beside the config's ``backbone_kwargs`` (MAML++: its
+        per-step BatchNorm). Called once, while ``__init__`` builds the network."""
+        return {}
+
+    # ------------------------------------------------------------------ the context of a batch
+    def context(self, training: bool, batch: TaskBatch | None = None) -> EpisodeContext:
+        """The :class:`~lit_meta.episode.EpisodeContext` of ``batch``: where its tasks come from
+        (its origin), how evaluation normalises, and the inner loop's precision."""
+        trainer = attached_trainer(self)
+        fp32 = trainer is not None and str(trainer.precision).startswith("16")
+        bn = "transductive" if training else self.evaluation_bn()
+        if batch is None:
+            return EpisodeContext(training=training, split="train" if training else "adapt", bn=bn, inner_fp32=fp32)
+        return EpisodeContext.of(batch, training, bn=bn, inner_fp32=fp32)
+
+    def evaluation_bn(self) -> str:
+        """How evaluation normalises the query (``lit_meta.episode.BN_MODES``): ``transductive``."""
+        return self.bn_mode
 
     # ------------------------------------------------------------------ what adapts, and how
     def adapt_names(self) -> list[str]:
@@ -174,46 +203,30 @@ class MetaLearner(MetaModule):
     def inner_params(self) -> Params:
         return dict(self.net.named_parameters())
 
-    def update_rule(self, training: bool) -> UpdateRule:
+    def update_rule(self, ctx: EpisodeContext) -> UpdateRule:
         return SGD(self.inner_lr)
 
-    def initial_rule_state(self, training: bool) -> Any:
+    def initial_rule_state(self, ctx: EpisodeContext) -> Any:
         """The update rule's state at the first inner step of every task; None: the rule's fresh one."""
         return None
 
-    def first_order_at(self, training: bool) -> bool:
-        return self.first_order or not training
+    def first_order_at(self, ctx: EpisodeContext) -> bool:
+        return self.first_order or not ctx.training
 
-    def inner_schedule(self, support_x: Tensor, steps: int, training: bool) -> Tensor | None:
-        """``[tasks, steps, batch]`` rows of the support sets ``support_x`` (``[tasks, n, ...]``) for each inner step (``inner_batch_size``), or None.
-
-        Each task's rows are a stream of random permutations of its support set, cut into
-        consecutive mini-batches (supervised-reptile's ``_mini_batches``: no example repeats
-        within a pass). Each task draws from its own generator, seeded by (data seed, split,
-        step, global task index): in training the step and the task's place in the global
-        meta-batch, in evaluation the task's index among the split's fixed tasks. So a resumed
-        run and any world size draw the same rows for the same task."""
-        size = self.inner_batch_size if training else self.eval_inner_batch_size
-        if size is None or steps == 0:
-            return None
-        tasks, n = support_x.shape[:2]
-        seed = getattr(getattr(self._trainer, "datamodule", None), "seed", 0) if self._trainer is not None else 0
-        split = "train" if training else self.eval_split
-        total = steps * size
-        passes = -(-total // n)
-        draws = []
-        for task in range(tasks):
-            generator = torch.Generator().manual_seed(
-                derive_seed(seed, f"inner/{split}/{self.schedule_index}", self.schedule_offset + task))
-            draws.append(torch.rand(passes, n, generator=generator))
-        order = torch.stack(draws).argsort(-1).reshape(tasks, passes * n)
-        rows = order[:, :total].reshape(tasks, steps, size)
-        return to_device(rows, support_x.device)  # pinned, non-blocking: no host sync
+    def inner_batch_size_of(self, ctx: EpisodeContext) -> int | None:
+        """Support examples per inner step (``inner_batch_size`` / ``eval_inner_batch_size``), or None: all."""
+        return self.inner_batch_size if ctx.training else self.eval_inner_batch_size
 
     # ------------------------------------------------------------------ what one task computes
-    def forward_fn(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
+    def forward_fn(self, params: Params, x: Tensor, step: int = 0, norm: Norm = BATCH) -> Tensor:
         buffers = dict(self.net.named_buffers())
-        return functional_call(self.net, (params, buffers), (x,), {"step": step})
+        return functional_call(self.net, (params, buffers), (x,), {"step": step, "norm": norm})
+
+    def inner_norm(self, ctx: EpisodeContext) -> Norm:
+        """How the inner loop's support forwards normalise: the support batch's statistics, or
+        with ``ctx.bn == "running"`` the per-step running statistics, as every forward of such
+        an evaluation episode does (MAML++'s BNRS at non-transductive evaluation)."""
+        return Norm(running=True) if ctx.bn == "running" else BATCH
 
     def loss_fn(self, prediction: Tensor, target: Tensor) -> Tensor:
         if self.regression:
@@ -250,22 +263,19 @@ class MetaLearner(MetaModule):
         """The network ``step`` the query is predicted with after ``step`` inner steps (per-step layers)."""
         return step
 
-    def predict(self, params: Params, support_x: Tensor, query_x: Tensor, step: int, training: bool) -> Tensor:
-        """Query predictions of (adapted) ``params`` after ``step`` inner steps; at evaluation
-        BatchNorm follows ``transductive`` (the module docstring)."""
+    def predict(self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, step: int,
+                ctx: EpisodeContext) -> Tensor:
+        """Query predictions of (adapted) ``params`` after ``step`` inner steps, BatchNorm as
+        ``ctx.bn`` says (training: the batch's statistics)."""
         step = self.query_step(step)
-        if training or self.bn_mode == "transductive":
+        if ctx.training or ctx.bn == "transductive":
             return self.forward_fn(params, query_x, step)
-        if self.bn_mode == "support":
-            norms = [m for m in self.net.modules() if isinstance(m, PerStepBatchNorm)]
+        if ctx.bn == "running":
+            return self.forward_fn(params, query_x, step, Norm(running=True))
+        if ctx.bn == "support":
+            # the support set first, and its statistics alone; the query rows follow them
             n = support_x.shape[0]
-            for norm in norms:
-                norm.stats_rows = n  # statistics of the support rows only; the query rows follow them
-            try:
-                return self.forward_fn(params, torch.cat([support_x, query_x]), step)[n:]
-            finally:
-                for norm in norms:
-                    norm.stats_rows = None
+            return self.forward_fn(params, torch.cat([support_x, query_x]), step, Norm(support_rows=n))[n:]
 
         def one(x: Tensor) -> Tensor:
             # BatchNorm sees the support set plus this one query example.
@@ -273,16 +283,16 @@ class MetaLearner(MetaModule):
 
         return vmap(one)(query_x)
 
-    def trace_inner(self, training: bool) -> bool:
+    def trace_inner(self, ctx: EpisodeContext) -> bool:
         """Whether ``query_objective`` needs the parameters after every inner step."""
         return False
 
     def query_objective(self, adapted: Adapted, support_x: Tensor, query_x: Tensor, query_y: Tensor,
-                        final_loss: Tensor, training: bool) -> Tensor:
+                        final_loss: Tensor, ctx: EpisodeContext) -> Tensor:
         """The per-task loss the meta-step minimises. MAML: the query loss after adaptation."""
         return final_loss
 
-    def extra_task_outputs(self, adapted: Adapted, support_x: Tensor, training: bool) -> dict[str, Any]:
+    def extra_task_outputs(self, adapted: Adapted, support_x: Tensor, ctx: EpisodeContext) -> dict[str, Any]:
         """More per-task outputs (tensors) to carry out of vmap."""
         return {}
 
@@ -290,43 +300,27 @@ class MetaLearner(MetaModule):
         """Called once per training meta-batch, outside vmap (e.g. running statistics)."""
 
     # ------------------------------------------------------------------ the meta-batch
-    def adapt_task(self, params: Params, support_x: Tensor, support_y: Tensor, steps: int,
-                   first_order: bool, training: bool, trace: bool = False) -> Adapted:
-        """One task's inner loop (:func:`lit_meta.algorithms.episodic.adapt_task`); with
-        ``eval_inner_batch_size`` (or ``inner_batch_size`` in training) on mini-batches."""
-        schedule = self.inner_schedule(support_x[None], steps, training)
-        return adapt_task(self, params, support_x, support_y, steps, first_order, training, trace,
-                          None if schedule is None else schedule[0])
-
-    def run_tasks(self, batch: TaskBatch, steps: int, first_order: bool, training: bool,
-                  differentiable: bool | None = None, absorb: bool = True, query: bool = True,
-                  by_step: bool = False) -> dict[str, Any]:
-        """Every task of ``batch``, vmapped (:func:`lit_meta.algorithms.episodic.run_tasks`)."""
-        return run_tasks(self, batch, steps, first_order, training, differentiable, absorb, query, by_step)
-
-    def outer_update(self, batch: TaskBatch) -> dict[str, Tensor]:
+    def outer_update(self, batch: TaskBatch, ctx: EpisodeContext | None = None) -> dict[str, Tensor]:
         """Adapt the batch's tasks and step the meta-optimizer. MAML: query losses.
 
         With ``task_chunk_size`` k below the meta-batch, k tasks at a time
-        (:func:`lit_meta.algorithms.episodic.outer_update_in_chunks`), the same update."""
+        (:func:`lit_meta.episode.outer_update_in_chunks`), the same update."""
+        ctx = self.context(True, batch) if ctx is None else ctx
         chunk = self.task_chunk_size
         if chunk is not None and chunk < batch.num_tasks:
-            return outer_update_in_chunks(self, batch, chunk)
-        out = self.run_tasks(batch, self.inner_steps, first_order=self.first_order_at(True), training=True)
+            return outer_update_in_chunks(self, batch, ctx, self.inner_steps, self.first_order_at(ctx), chunk)
+        out = run_tasks(self, batch, ctx, self.inner_steps, self.first_order_at(ctx))
         self.meta_step(self, out["updates"], query_losses=out["query_loss"])
         return out
 
     # ------------------------------------------------------------------ Lightning
     def setup(self, stage: str) -> None:
         # Here, not in __init__: the rule is built from what the subclass's __init__ adds.
-        if self.inner_checkpointing and (problem := recompute_problem(self.update_rule(True))):
+        if self.inner_checkpointing and (problem := recompute_problem(self.update_rule(EpisodeContext(True)))):
             raise ValueError(f"inner_checkpointing: {problem}")
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> None:
-        # the step seeds the inner mini-batches (a resume draws the same rows); rank r adapts the
-        # tasks [r·b, (r+1)·b) of the global meta-batch
-        self.schedule_index, self.schedule_offset = self.trainer.global_step, self.global_rank * batch.num_tasks
-        out = self.outer_update(batch)
+        out = self.outer_update(batch, self.context(True, batch))
         if self.logging_step():
             metric = "mse" if self.regression else "loss"
             if "final_query_loss" in out:
@@ -337,36 +331,19 @@ class MetaLearner(MetaModule):
                 self.log(f"train/support_{metric}", out["final_support_loss"].mean(), prog_bar=True)
         self.step_lr_schedule()
 
-    def on_train_epoch_start(self) -> None:
-        self.evaluation_mode(False)
-
     def begin_evaluation(self, split: str) -> None:
-        self.eval_split = split
         if split == "test":
             self.curves = {}
-        self.evaluation_mode(True)
 
-    def eval_task_offset(self, batch_idx: int) -> int:
-        """The index, among the split's fixed tasks, of the first task of this rank's evaluation
-        batch ``batch_idx`` (the data module's ``eval_pieces``); 0 without a Trainer."""
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "eval_pieces"):
-            return 0
-        pieces = dm.eval_pieces(self.eval_split, self.global_rank, self.trainer.world_size)
-        if batch_idx >= len(pieces):
-            return 0
-        chunk, start, _ = pieces[batch_idx]
-        return sum(dm.eval_chunks(self.eval_split)[:chunk]) + start
-
-    def evaluate_batch(self, batch: TaskBatch, batch_idx: int = 0) -> None:
+    def evaluate_batch(self, batch: TaskBatch) -> None:
         """Adapt each task for ``eval_inner_steps`` and add its query loss/accuracy before and
         after (and, on the test tasks, after every inner step)."""
         if not batch.num_tasks:  # a DDP rank with no evaluation task: nothing to add
             return
-        self.schedule_index, self.schedule_offset = 0, self.eval_task_offset(batch_idx)
-        by_step = self.eval_split == "test"
+        ctx = self.context(False, batch)
+        by_step = ctx.split == "test"
         with torch.enable_grad():
-            out = self.run_tasks(batch, self.eval_inner_steps, first_order=True, training=False, by_step=by_step)
+            out = run_tasks(self, batch, ctx, self.eval_inner_steps, first_order=True, by_step=by_step)
         values = {"loss_after": out["final_query_loss"], "loss_before": out["before_loss"]}
         if not self.regression:
             values.update(acc=out["query_acc"], acc_before=out["before_acc"])
@@ -383,14 +360,10 @@ class MetaLearner(MetaModule):
                                                      for k in range(per_step.shape[1])]))
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
-        self.evaluate_batch(batch, batch_idx)
+        self.evaluate_batch(batch)
 
     def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
-        self.evaluate_batch(batch, batch_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        self.evaluation_mode(False)  # training may resume mid-epoch
+        self.evaluate_batch(batch)
 
     def evaluation_metrics(self, split: str, sums: dict[str, Tensor]) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -414,23 +387,21 @@ class MetaLearner(MetaModule):
     def results_extra(self) -> dict[str, Any]:
         """Protocol facts for results.json: BatchNorm at evaluation, test-time steps and
         mini-batch, and the test curves (metric after each inner step 0..steps)."""
-        bn = {"transductive": "transductive", "per_example": "non-transductive",
-              "support": "support statistics"}[self.bn_mode]
-        return {"bn": bn, "test/adapt_steps": self.eval_inner_steps,
+        return {"bn": BN_NAMES[self.evaluation_bn()], "test/adapt_steps": self.eval_inner_steps,
                 "test/inner_batch_size": self.eval_inner_batch_size, **self.curves}
 
     @property
     def monitor(self) -> tuple[str, str]:
         return ("val/mse_after", "min") if self.regression else ("val/acc", "max")
 
-    def divergence_cause(self, step: int) -> str:
-        """Replays step ``step``'s tasks from the current (last finite) weights: a loss that is
-        finite at θ but not after the inner steps points at the inner rate, else the meta rate."""
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if datamodule is None or not hasattr(datamodule, "train_batch"):
-            return super().divergence_cause(step)
+    def divergence_cause(self, step: int, batch: Any = None) -> str:
+        """Replays ``batch`` (the tasks of the step the divergence was found at) from the current
+        (last finite) weights: a loss that is finite at θ but not after the inner steps points at
+        the inner rate, else the meta rate."""
+        if not isinstance(batch, TaskBatch):
+            return super().divergence_cause(step, batch)
         with torch.enable_grad():
-            out = self.run_tasks(datamodule.train_batch(step), self.inner_steps, first_order=True, training=False)
+            out = run_tasks(self, batch, self.context(False, batch), self.inner_steps, first_order=True)
         if not bool(torch.isfinite(out["before_loss"]).all()):
             return (f"the weights give a non-finite loss before adaptation: the meta learning rate "
                     f"(meta_lr={self.meta_lr}) is too large")
@@ -440,11 +411,7 @@ class MetaLearner(MetaModule):
         return (f"the tasks adapt to finite losses, but the meta-gradient or the meta-update is not finite: the meta "
                 f"learning rate (meta_lr={self.meta_lr}) is too large, or set grad_clip")
 
-    # ------------------------------------------------------------------ evaluation and new tasks
-    def evaluation_mode(self, on: bool) -> None:
-        """Switch between meta-training and evaluation behaviour: on for val/test epochs and
-        for ``adapt_and_predict``, off for training. MAML: nothing differs."""
-
+    # ------------------------------------------------------------------ new tasks
     def set_inner_lr(self, inner_lr: float) -> bool:
         """Adapt with ``inner_lr`` from now on; True if that replaced meta-learned rates."""
         if inner_lr <= 0 or not math.isfinite(inner_lr):
@@ -470,10 +437,11 @@ class MetaLearner(MetaModule):
         """One new task through the model's own inner loop and evaluation-mode prediction:
         query outputs ``[n, ...]``, after ``steps`` (default ``eval_inner_steps``) steps."""
         steps = self.eval_inner_steps if steps is None else steps
-        self.evaluation_mode(True)
-        self.schedule_index, self.schedule_offset = 0, 0
+        ctx = self.context(False)
         params = {n: p.detach() for n, p in self.inner_params().items()}
+        schedule = inner_schedule(support_x[None], steps, self.inner_batch_size_of(ctx), ctx)
         with torch.enable_grad():
-            adapted = self.adapt_task(params, support_x, support_y, steps, first_order=True, training=False)
-            out = self.predict(adapted.params, support_x, query_x, steps, training=False)
+            adapted = adapt_task(self, params, support_x, support_y, steps, True, ctx,
+                                 schedule=None if schedule is None else schedule[0])
+            out = self.predict(adapted.params, support_x, support_y, query_x, steps, ctx)
         return out.detach()

@@ -77,29 +77,26 @@ class LearningToLearn(MetaModule):
         truncation: int = 20,
         first_order: bool = True,
         meta_batch_size: int = 128,
-        meta_optimizer: str = "adam",
-        meta_lr: float = 1e-3,
-        lr_schedule: str = "constant",
-        grad_clip: float | None = None,
-        max_nonfinite: int = 10,
         eval_steps: int = 100,
         baseline_lrs: list[float] = DEFAULT_LRS,
         tune_functions: int = 128,
+        **kwargs: Any,
     ) -> None:
+        """The learned optimizer's own options; ``kwargs``: the outer loop's, shared with every
+        lit_meta model (``MetaModule``: meta_optimizer, meta_lr, lr_schedule, min_lr,
+        weighting, grad_clip, grad_clip_value, max_nonfinite)."""
         if "optimizee" not in task_spec:
             raise ValueError("LearningToLearn trains on optimizee functions: use lit_meta.data.OptimizeeDataModule "
                              f"(task_spec of {task_spec.get('dataset')!r} has no 'optimizee')")
         if truncation < 1 or unroll < truncation or unroll % truncation:
             raise ValueError(f"unroll must be a positive multiple of truncation, got {unroll} and {truncation}")
-        if max_nonfinite < 1 or tune_functions < 1 or eval_steps < 1:
-            raise ValueError("max_nonfinite, tune_functions and eval_steps must be >= 1, got "
-                             f"{max_nonfinite}, {tune_functions}, {eval_steps}")
+        if tune_functions < 1 or eval_steps < 1:
+            raise ValueError(f"tune_functions and eval_steps must be >= 1, got {tune_functions}, {eval_steps}")
         if not baseline_lrs or min(baseline_lrs) <= 0:
             raise ValueError(f"baseline_lrs must be positive learning rates, got {baseline_lrs}")
         if meta_batch_size < 1:
             raise ValueError(f"meta_batch_size must be >= 1, got {meta_batch_size}")
-        super().__init__(task_spec, meta_optimizer, meta_lr, lr_schedule, grad_clip=grad_clip,
-                         max_nonfinite=max_nonfinite)
+        super().__init__(task_spec, **kwargs)
         self.save_hyperparameters()
         # The network is the optimizer; the optimizee lives in the data (``family``).
         self.net = CoordinateLSTM(hidden_size, num_layers, output_scale, preprocess_p)
@@ -113,7 +110,8 @@ class LearningToLearn(MetaModule):
         self.curves: dict[str, list[float]] = {}
         self._unroll: dict[str, Any] | None = None
 
-    def update_rule(self, training: bool) -> LSTMRule:
+    def learned_rule(self) -> LSTMRule:
+        """The learned optimizer as an update rule of the engine."""
         return LSTMRule(self.net)
 
     # ------------------------------------------------------------------ running optimizers on functions
@@ -175,7 +173,7 @@ class LearningToLearn(MetaModule):
         self.log("train/loss", out["meta_loss"].detach().mean() / self.inner_steps, prog_bar=True)
         self.step_lr_schedule()
 
-    def divergence_cause(self, step: int) -> str:
+    def divergence_cause(self, step: int, batch: Any = None) -> str:
         return (f"the learned steps overflow the optimizee functions: the meta learning rate (meta_lr={self.meta_lr}) "
                 f"or the output scale (output_scale={self.net.output_scale}) is too large, or the functions "
                 "themselves are not finite")

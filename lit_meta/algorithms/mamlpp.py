@@ -26,7 +26,12 @@ option (defaults keep lit_meta's first behaviour, so old checkpoints load as the
   the later steps and the query read (:class:`~lit_meta.update_rules.CarryForward`).
 - Per-step running statistics (``bnrs``) are those of the support forwards of the inner
   loop, one slot per step; they are used for normalising only by non-transductive
-  evaluation (the reference's ``F.batch_norm(training=True)`` always uses the batch's).
+  evaluation (``transductive: false``; the reference's ``F.batch_norm(training=True)``
+  always uses the batch's). ``transductive: support`` normalises with the support set's
+  statistics, as for every algorithm, BNRS or not.
+- The epoch schedules (MSL's annealing, ``first_order_epochs``) read the task stream's
+  epoch from the batch (its origin, set by the DataModule), so a resumed run continues
+  exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -37,8 +42,9 @@ from torch import Tensor
 
 from lit_meta.algorithms.base import MetaLearner
 from lit_meta.algorithms.learned_rates import LearnedRates
+from lit_meta.episode import EpisodeContext
 from lit_meta.inner import Adapted
-from lit_meta.models.layers import PerStepBatchNorm
+from lit_meta.models.layers import Norm, PerStepBatchNorm
 from lit_meta.update_rules import SGD, CarryForward, UpdateRule
 
 
@@ -68,27 +74,29 @@ class MAMLpp(MetaLearner):
             raise ValueError(f"msl_epochs must be >= 1, got {msl_epochs}")
         if first_order_epochs < 0:
             raise ValueError(f"first_order_epochs must be >= 0, got {first_order_epochs}")
-        spec = kwargs.get("task_spec") or {}
-        if (bnwb or bnrs) and len(spec.get("input_shape", [])) == 3:
-            steps = max(kwargs.get("inner_steps", 1), kwargs.get("eval_inner_steps") or 0)
-            kwargs["backbone_kwargs"] = {**(kwargs.get("backbone_kwargs") or {}), "bn_steps": steps,
-                                         "bn_per_step_weights": bnwb, "bn_per_step_stats": bnrs,
-                                         "bn_query_slot": query_slot}
+        # set before MetaLearner's __init__: the network it builds reads them (backbone_options)
+        self.bnwb, self.bnrs, self.query_slot = bnwb, bnrs, query_slot
         super().__init__(adapt_bn=not bnwb if adapt_bn is None else adapt_bn, **kwargs)
-        self.query_slot = query_slot
         if (bnwb or bnrs) and not self.per_step_norms():
             raise ValueError("bnwb/bnrs need a backbone with BatchNorm (conv4); set them false for this data")
         self.msl, self.msl_epochs, self.first_order_epochs = msl, msl_epochs, first_order_epochs
-        self.lslr, self.bnrs = lslr, bnrs
+        self.lslr = lslr
         steps = max(self.inner_steps, self.eval_inner_steps, 1)
         self.inner_lrs = LearnedRates({n: torch.full((steps,), self.inner_lr) for n, _ in self.net.named_parameters()},
                                       learn=lslr)
+
+    def backbone_options(self) -> dict[str, Any]:
+        # BNWB / BNRS: per-step BatchNorm in conv4 (an MLP has none: checked after it is built)
+        if not (self.bnwb or self.bnrs) or len(self.task_spec["input_shape"]) != 3:
+            return {}
+        return {"bn_steps": max(self.inner_steps, self.eval_inner_steps), "bn_per_step_weights": self.bnwb,
+                "bn_per_step_stats": self.bnrs, "bn_query_slot": self.query_slot}
 
     def per_step_norms(self) -> dict[str, PerStepBatchNorm]:
         return {n: m for n, m in self.net.named_modules() if isinstance(m, PerStepBatchNorm)}
 
     # -- LSLR
-    def update_rule(self, training: bool) -> UpdateRule:
+    def update_rule(self, ctx: EpisodeContext) -> UpdateRule:
         rule = SGD({n: self.inner_lrs.of(n) for n in self.adapt_names()}, per_step=True)
         per_step = frozenset(n for n in set(self.adapt_names()) & self.norm_parameter_names()
                              if self.net.get_parameter(n).dim() == 2)  # BNWB rows: [slots, channels]
@@ -99,25 +107,24 @@ class MAMLpp(MetaLearner):
         self.inner_lrs.fill_(inner_lr)
         return True
 
-    # -- derivative-order annealing
-    def first_order_at(self, training: bool) -> bool:
-        if not training:
+    # -- derivative-order annealing, by the task stream's epoch (the batch's origin)
+    def first_order_at(self, ctx: EpisodeContext) -> bool:
+        if not ctx.training:
             return True
-        return self.first_order or self.stream_epoch() < self.first_order_epochs
+        return self.first_order or ctx.epoch < self.first_order_epochs
 
     # -- MSL
-    def msl_weights(self) -> list[float] | None:
-        epoch = self.stream_epoch()
-        if not self.msl or epoch >= self.msl_epochs or self.inner_steps < 1:
+    def msl_weights(self, ctx: EpisodeContext) -> list[float] | None:
+        if not ctx.training or not self.msl or ctx.epoch >= self.msl_epochs or self.inner_steps < 1:
             return None
-        return msl_importance(self.inner_steps, epoch, self.msl_epochs)
+        return msl_importance(self.inner_steps, ctx.epoch, self.msl_epochs)
 
-    def trace_inner(self, training: bool) -> bool:
-        return training and (self.msl_weights() is not None or self.bnrs)
+    def trace_inner(self, ctx: EpisodeContext) -> bool:
+        return ctx.training and (self.msl_weights(ctx) is not None or self.bnrs)
 
     def query_objective(self, adapted: Adapted, support_x: Tensor, query_x: Tensor, query_y: Tensor,
-                        final_loss: Tensor, training: bool) -> Tensor:
-        weights = self.msl_weights() if training else None
+                        final_loss: Tensor, ctx: EpisodeContext) -> Tensor:
+        weights = self.msl_weights(ctx)
         if weights is None:
             return final_loss
         losses = [self.loss_fn(self.forward_fn(p, query_x, self.query_step(k)), query_y)
@@ -130,21 +137,18 @@ class MAMLpp(MetaLearner):
         return step if self.query_slot else max(step - 1, 0)
 
     # -- BNRS: each step's batch statistics leave vmap as outputs, then fill the buffers
-    def extra_task_outputs(self, adapted: Adapted, support_x: Tensor, training: bool) -> dict[str, Any]:
-        if not (training and self.bnrs):
+    def extra_task_outputs(self, adapted: Adapted, support_x: Tensor, ctx: EpisodeContext) -> dict[str, Any]:
+        if not (ctx.training and self.bnrs):
             return {}
         stats: dict[str, list[Tensor]] = {}
-        norms = self.per_step_norms()
+        names = list(self.per_step_norms())  # the forward visits them in this (module) order
         # the support forward of each inner step (and, with a query slot, one after the last for it)
         trajectory = adapted.trajectory if self.query_slot else adapted.trajectory[:-1]
         for step, params in enumerate(trajectory):
-            for norm in norms.values():
-                norm.record_stats = True
-            self.forward_fn({n: p.detach() for n, p in params.items()}, support_x, step)
-            for name, norm in norms.items():
-                _, mean, var = norm.last_stats
+            recorded: list = []
+            self.forward_fn({n: p.detach() for n, p in params.items()}, support_x, step, Norm(record=recorded))
+            for name, (_, mean, var) in zip(names, recorded):
                 stats.setdefault(name, []).append(torch.stack([mean, var]))
-                norm.record_stats, norm.last_stats = False, None
         return {"bn_stats": {n: torch.stack(v) for n, v in stats.items()}}
 
     def absorb_task_outputs(self, out: dict[str, Any]) -> None:
@@ -154,13 +158,9 @@ class MAMLpp(MetaLearner):
             for step in range(mean_over_tasks.shape[0]):
                 norm.update_running_stats(norm.slot(step), mean_over_tasks[step, 0], mean_over_tasks[step, 1])
 
-    def evaluation_mode(self, on: bool) -> None:
-        # Non-transductive evaluation normalises with the per-step running statistics.
-        for norm in self.per_step_norms().values():
-            norm.use_running_stats = on and not self.transductive and norm.per_step_stats
-
-    def predict(self, params, support_x, query_x, step, training):
-        # With BNRS, non-transductive evaluation normalises with the per-step running statistics.
-        if self.bnrs and self.per_step_norms():
-            return self.forward_fn(params, query_x, self.query_step(step))
-        return super().predict(params, support_x, query_x, step, training)
+    def evaluation_bn(self) -> str:
+        # With BNRS, non-transductive evaluation normalises with the per-step running statistics;
+        # transductive and support-statistics evaluation do as they say.
+        if self.bn_mode == "per_example" and self.bnrs and self.per_step_norms():
+            return "running"
+        return self.bn_mode

@@ -49,6 +49,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from lit_meta.algorithms.base import MetaLearner
+from lit_meta.episode import EpisodeContext
 from lit_meta.models.lstm_optimizers import MetaLSTMCell, MetaLSTMState
 from lit_meta.update_rules import Params, flatten, unflatten
 
@@ -89,34 +90,25 @@ class MetaLSTM(MetaLearner):
     def __init__(
         self,
         task_spec: dict[str, Any],
-        backbone: str = "auto",
-        backbone_kwargs: dict[str, Any] | None = None,
         hidden_size: int = 20,
         preprocess_p: float = 10.0,
         init_lr: float = 0.01,
         init_forget: float = 0.995,
-        inner_steps: int = 12,
-        eval_inner_steps: int | None = None,
-        first_order: bool = True,
-        meta_batch_size: int = 1,
-        meta_optimizer: str = "adam",
-        meta_lr: float = 1e-3,
-        lr_schedule: str = "constant",
-        weighting: str = "uniform",
-        grad_clip: float | None = 0.25,
-        task_chunk_size: int | None = None,
-        transductive: bool | str = True,
-        inner_checkpointing: bool = False,
-        max_nonfinite: int = 10,
         gate_preactivation: bool = False,
         grad_divide_by_batch: bool = False,
+        # shared options whose defaults differ here (the paper's); every other shared option
+        # comes through ``kwargs`` as for any algorithm
+        inner_steps: int = 12,
+        first_order: bool = True,
+        meta_batch_size: int = 1,
+        grad_clip: float | None = 0.25,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(task_spec, backbone, backbone_kwargs, inner_lr=init_lr, inner_steps=inner_steps,
-                         eval_inner_steps=eval_inner_steps, first_order=first_order,
-                         meta_batch_size=meta_batch_size, meta_optimizer=meta_optimizer, meta_lr=meta_lr,
-                         lr_schedule=lr_schedule, weighting=weighting, grad_clip=grad_clip,
-                         task_chunk_size=task_chunk_size, transductive=transductive,
-                         inner_checkpointing=inner_checkpointing, max_nonfinite=max_nonfinite)
+        # a checkpoint's hparams record the inner_lr this passes on (= init_lr); any other is a mistake
+        if kwargs.pop("inner_lr", init_lr) != init_lr:
+            raise ValueError("meta_lstm has no inner_lr: its LSTM computes the steps, starting from init_lr")
+        super().__init__(task_spec, inner_lr=init_lr, inner_steps=inner_steps, first_order=first_order,
+                         meta_batch_size=meta_batch_size, grad_clip=grad_clip, **kwargs)
         self.meta_learner = MetaLSTMCell(hidden_size, preprocess_p, init_lr, init_forget, gate_preactivation)
         self.grad_divide_by_batch = grad_divide_by_batch
 
@@ -128,7 +120,7 @@ class MetaLSTM(MetaLearner):
         scaled = loss / target.shape[0]
         return scaled + (loss - scaled).detach()
 
-    def update_rule(self, training: bool) -> MetaLSTMRule:
+    def update_rule(self, ctx: EpisodeContext) -> MetaLSTMRule:
         return MetaLSTMRule(self.meta_learner)
 
     def set_inner_lr(self, inner_lr: float) -> bool:

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_meta.checkpoint import remove_orphans
+from lit_meta.internals import attached_trainer, lightning_logs_this_step, trainer_inference_mode
 from lit_meta.meta_step import MetaStep
 from lit_meta.metrics import MetricSums
 
@@ -102,8 +103,9 @@ class MetaModule(pl.LightningModule):
     def meta_parameters(self) -> Iterator[nn.Parameter]:
         return self.parameters()
 
-    def divergence_cause(self, step: int) -> str:
-        """Why the meta-steps from ``step`` on were likely non-finite (one phrase, for the stop line)."""
+    def divergence_cause(self, step: int, batch: Any = None) -> str:
+        """Why the meta-steps from ``step`` on were likely non-finite (one phrase, for the stop
+        line); ``batch``: the tasks of the step the divergence was found at, if known."""
         return f"the meta learning rate (meta_lr={self.meta_lr}) is too large"
 
     # ------------------------------------------------------------------ meta-optimizer and schedule
@@ -141,7 +143,7 @@ class MetaModule(pl.LightningModule):
         return self._standalone_optimizer
 
     def total_steps(self) -> int:
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is not None and trainer.max_steps and trainer.max_steps > 0:
             return trainer.max_steps
         if trainer is not None and trainer.max_epochs and trainer.datamodule is not None:
@@ -149,7 +151,7 @@ class MetaModule(pl.LightningModule):
         raise ValueError("lr_schedule needs trainer.max_steps (or max_epochs with an episodic datamodule)")
 
     def steps_per_epoch(self) -> int:
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         per_epoch = getattr(getattr(trainer, "datamodule", None), "steps_per_epoch", None)
         if not per_epoch:
             raise ValueError("lr_schedule cosine_epochs needs an episodic datamodule (its steps_per_epoch)")
@@ -161,35 +163,16 @@ class MetaModule(pl.LightningModule):
         if scheduler is not None:
             scheduler.step()
 
-    def stream_epoch(self) -> int:
-        """The epoch of the task stream, ``global_step // steps_per_epoch``: what epoch-based
-        schedules (MAML++'s multi-step loss and first-order epochs) read. Lightning's
-        ``current_epoch`` differs after a resume from a checkpoint written when a fit stopped
-        mid-epoch (max_steps, a stop signal): Lightning counts the cut epoch as complete, so the
-        resumed run would be one epoch ahead of an uninterrupted one."""
-        trainer = self._trainer
-        steps = getattr(getattr(trainer, "datamodule", None), "steps_per_epoch", None)
-        return self.global_step // steps if steps else self.current_epoch
-
     def logging_step(self) -> bool:
         """Whether this training step's values reach a logger or the progress bar.
 
         ``self.log`` costs ~0.7 ms a call whether or not the value is written: on sine,
         five calls a step were half the Trainer's time. Steps whose values only the
-        logger would see (every ``log_every_n_steps``-th is written) skip them."""
-        trainer = self._trainer
-        if trainer is None:
-            return False
-        # (with a progress bar too: forcing every step to log would make every step read the
-        # logged values on the host; the bar shows the values of the last logging step)
-        # Lightning's own rule on its own batch counter: after a resume from a checkpoint written
-        # at validation end that counter runs one ahead of global_step, and a rule on global_step
-        # would never again pick a step Lightning writes (the logs would lose every training value).
-        connector = getattr(trainer, "_logger_connector", None)
-        if connector is not None and hasattr(type(connector), "should_update_logs"):
-            return bool(connector.should_update_logs)
-        # called after the meta-optimizer stepped, so global_step counts this step
-        return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 or trainer.should_stop
+        logger would see (every ``log_every_n_steps``-th is written) skip them. A progress
+        bar does not make every step log: that would read the logged values on the host
+        every step; the bar shows those of the last logging step."""
+        trainer = attached_trainer(self)
+        return trainer is not None and lightning_logs_this_step(trainer)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # the precision plugin calls this after unscaling fp16 gradients: the one place to clip
@@ -197,9 +180,10 @@ class MetaModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ the divergence guard
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # the guard's counters live on the device: read them only where values are logged anyway
+        # the guard's counters live on the device: read them only where values are logged anyway;
+        # a divergence's cause is found by replaying this step's batch
         if self.logging_step():
-            self.meta_step.guard.check(self)
+            self.meta_step.guard.check(self, batch)
 
     def on_train_end(self) -> None:
         self.meta_step.guard.check(self)
@@ -217,7 +201,8 @@ class MetaModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation epochs
     def check_grad_mode(self) -> None:
-        if self.trainer is not None and getattr(self.trainer, "_inference_mode", False):
+        trainer = attached_trainer(self)
+        if trainer is not None and trainer_inference_mode(trainer):
             raise ValueError("evaluation adapts with gradients: run the Trainer with inference_mode=False")
 
     def on_fit_start(self) -> None:
@@ -247,7 +232,7 @@ class MetaModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         # reduced over ranks by eval_sums, so no sync_dist
         metrics = self.evaluation_metrics("val", self.eval_sums.reduce(self.device))
-        if self._trainer is not None and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+        if attached_trainer(self) is not None and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             metrics["train/wall_s"] = self.elapsed_seconds()  # the validation curve against time
             self.val_history.append({"step": self.trainer.global_step, "wall_s": round(metrics["train/wall_s"], 3),
                                      **{k: v for k, v in metrics.items() if k.startswith("val/")}})

@@ -15,6 +15,7 @@ import torch
 
 from lit_meta.algorithms.base import MetaLearner
 from lit_meta.algorithms.learned_rates import LearnedRates
+from lit_meta.episode import EpisodeContext
 from lit_meta.update_rules import SGD, UpdateRule
 
 
@@ -33,7 +34,7 @@ class MetaSGD(MetaLearner):
             rates = {n: torch.empty_like(p).uniform_(low, high) for n, p in self.net.named_parameters()}
         self.inner_lrs = LearnedRates(rates, learn=learn_inner_lr)
 
-    def update_rule(self, training: bool) -> UpdateRule:
+    def update_rule(self, ctx: EpisodeContext) -> UpdateRule:
         return SGD({n: self.inner_lrs.of(n) for n in self.adapt_names()})
 
     def set_inner_lr(self, inner_lr: float) -> bool:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from lit_meta.algorithms.base import MetaLearner
 from lit_meta.algorithms.learned_rates import lr_key
+from lit_meta.episode import EpisodeContext, run_tasks
 from lit_meta.tasks import TaskBatch
 from lit_meta.update_rules import SGD, Adam, Params, UpdateRule
 
@@ -92,24 +93,24 @@ class Reptile(MetaLearner):
         adapted = {n: p for n, p in self.net.named_parameters() if n in set(self.adapt_names())}
         self.inner_state = AdamState(adapted) if persistent_inner_state else None
 
-    def update_rule(self, training: bool) -> UpdateRule:
+    def update_rule(self, ctx: EpisodeContext) -> UpdateRule:
         if self.inner_optimizer == "adam":
             return Adam(self.inner_lr, betas=self.inner_betas)
         return SGD(self.inner_lr)
 
-    def initial_rule_state(self, training: bool) -> Any:
+    def initial_rule_state(self, ctx: EpisodeContext) -> Any:
         return None if self.inner_state is None else self.inner_state.get()
 
-    def extra_task_outputs(self, adapted: Any, support_x: Tensor, training: bool) -> dict[str, Any]:
-        return {"inner_state": adapted.state} if training and self.inner_state is not None else {}
+    def extra_task_outputs(self, adapted: Any, support_x: Tensor, ctx: EpisodeContext) -> dict[str, Any]:
+        return {"inner_state": adapted.state} if ctx.training and self.inner_state is not None else {}
 
     def absorb_task_outputs(self, out: dict[str, Any]) -> None:
         if "inner_state" in out:
             self.inner_state.set_mean(out["inner_state"], tasks_per_step=out["updates"][self.adapt_names()[0]].shape[0])
 
-    def outer_update(self, batch: TaskBatch) -> dict[str, Tensor]:
-        out = self.run_tasks(batch, self.inner_steps, first_order=True, training=True, differentiable=False,
-                             query=False)
+    def outer_update(self, batch: TaskBatch, ctx: EpisodeContext | None = None) -> dict[str, Tensor]:
+        ctx = self.context(True, batch) if ctx is None else ctx
+        out = run_tasks(self, batch, ctx, self.inner_steps, first_order=True, differentiable=False, query=False)
         # θ − θ'_i, keyed by the module's parameter names
         self.meta_step(self, out["updates"], task_grads={f"net.{n}": u for n, u in out["updates"].items()})
         return out

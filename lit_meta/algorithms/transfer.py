@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_meta.algorithms.base import MetaLearner
+from lit_meta.episode import EpisodeContext, run_tasks
 from lit_meta.tasks import LabelledTaskBatch, TaskBatch
 
 EPISODE_HEADS = ("random", "zero")
@@ -48,12 +49,13 @@ class Transfer(MetaLearner):
         classes = self.task_spec.get("train_classes")
         self.classifier = nn.Linear(self.net.feature_dim, classes) if classes else None
 
-    def outer_update(self, batch: TaskBatch) -> dict[str, Tensor]:
+    def outer_update(self, batch: TaskBatch, ctx: EpisodeContext | None = None) -> dict[str, Tensor]:
+        ctx = self.context(True, batch) if ctx is None else ctx
         if self.regression:
             pooled = TaskBatch(batch.support_x, batch.support_y,
                                torch.cat([batch.support_x, batch.query_x], 1),
                                torch.cat([batch.support_y, batch.query_y], 1))
-            out = self.run_tasks(pooled, 0, first_order=True, training=True)
+            out = run_tasks(self, pooled, ctx, 0, first_order=True)
             self.meta_step(self, None, query_losses=out["query_loss"])
             return out
         if not isinstance(batch, LabelledTaskBatch) or self.classifier is None:

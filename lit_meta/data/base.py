@@ -6,9 +6,12 @@ always drawn for the *global* ``meta_batch_size``; DDP rank ``r`` of ``W`` keeps
 ``[r*B/W, (r+1)*B/W)``. So
 
 - a resumed run draws exactly the tasks an uninterrupted run would (the sampler state
-  *is* the global step, restored by Lightning with the checkpoint), and
+  *is* the global step, restored by Lightning with the checkpoint),
 - ``W`` ranks together adapt exactly the tasks one process would, which is what makes
-  the DDP meta-gradient equal the single-process one.
+  the DDP meta-gradient equal the single-process one, and
+- every batch says where its tasks come from (:class:`~lit_meta.tasks.Origin`: split, step,
+  index of its first task, seed, epoch of the stream), which is all a model needs to know
+  of its data's position (the inner mini-batch schedule, epoch-based schedules).
 
 Validation and test tasks are fixed: chunk ``c`` (``eval_batch_size`` tasks, the last one
 shorter) is drawn from ``derive_seed(seed, split, c)``, and the split's tasks are the chunks
@@ -45,7 +48,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lit_meta.tasks import TaskBatch
+from lit_meta.tasks import Origin, TaskBatch
 
 SPLITS = ("train", "val", "test")
 
@@ -132,7 +135,8 @@ class EpisodicDataModule(pl.LightningDataModule):
                 f"meta_batch_size={self.meta_batch_size} must be divisible by the world size {world}"
             )
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "train", step))
-        batch = self.sample_tasks("train", generator, self.meta_batch_size)
+        origin = Origin("train", step, 0, self.seed, step // self.steps_per_epoch)
+        batch = self.sample_tasks("train", generator, self.meta_batch_size).with_origin(origin)
         share = self.meta_batch_size // world
         return batch.slice(rank * share, (rank + 1) * share) if world > 1 else batch
 
@@ -145,7 +149,8 @@ class EpisodicDataModule(pl.LightningDataModule):
     def eval_batch(self, split: str, chunk: int) -> TaskBatch:
         sizes = self.eval_chunks(split)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, split, chunk))
-        return self.sample_tasks(split, generator, sizes[chunk])
+        origin = Origin(split, 0, sum(sizes[:chunk]), self.seed)
+        return self.sample_tasks(split, generator, sizes[chunk]).with_origin(origin)
 
     def eval_pieces(self, split: str, rank: int = 0, world: int = 1) -> list[tuple[int, int, int]]:
         """``(chunk, start, stop)``: the tasks ``start:stop`` of each chunk that rank ``rank`` of

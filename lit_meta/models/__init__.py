@@ -1,5 +1,6 @@
 """Networks only: no training logic. Every network has a ``head`` (nn.Linear) and takes
-``forward(x, step=0)`` so per-step layers (MAML++) can be swapped in."""
+``forward(x, step=0, norm=BATCH)``: the inner step (per-step layers, MAML++) and how its
+BatchNorm normalises (``lit_meta.models.layers.Norm``), both passed with each call."""
 from __future__ import annotations
 
 from typing import Any

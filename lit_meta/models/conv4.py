@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lit_meta.models.layers import PerStepBatchNorm
+from lit_meta.models.layers import BATCH, Norm, PerStepBatchNorm
 
 HEAD_POOLS = ("flatten", "mean")
 INITS = ("torch", "maml", "glorot", "mamlpp")
@@ -91,11 +91,11 @@ class Conv4(nn.Module):
         (nn.init.normal_ if normal_head else nn.init.xavier_uniform_)(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def features(self, x: Tensor, step: int = 0) -> Tensor:
+    def features(self, x: Tensor, step: int = 0, norm: Norm = BATCH) -> Tensor:
         """The body's output as ``[n, feature_dim]``: what the head reads."""
         for layer in self.body:
-            x = layer(x, step) if isinstance(layer, PerStepBatchNorm) else layer(x)
+            x = layer(x, step, norm) if isinstance(layer, PerStepBatchNorm) else layer(x)
         return x.mean((-2, -1)) if self.head_pool == "mean" else x.flatten(1)
 
-    def forward(self, x: Tensor, step: int = 0) -> Tensor:
-        return self.head(self.features(x, step))
+    def forward(self, x: Tensor, step: int = 0, norm: Norm = BATCH) -> Tensor:
+        return self.head(self.features(x, step, norm))

@@ -10,14 +10,15 @@ MAML", §4: BNRS and BNWB).
   ``steps`` slots and the query after ``k`` steps reads slot ``k − 1``, the slot of the
   support forward it was adapted on. The algorithm picks the slot (``MAMLpp.predict``).
 
-Normalisation always uses the batch statistics during training (inside ``vmap`` nothing
-can be written to a buffer). With ``record_stats`` set, a forward leaves its batch statistics in ``last_stats``;
+How a forward normalises is an argument of that forward (:class:`Norm`), never a flag set on
+the layer: the batch's statistics (the default, and always in training: inside ``vmap``
+nothing can be written to a buffer); the statistics of the batch's first ``support_rows``
+rows only (the support set, when the query is appended after it: test-time BN of Ravi &
+Larochelle 2017, who normalise the query with statistics of the support set); or step
+``k``'s own running statistics (``running``, MAML++'s BNRS at non-transductive
+evaluation). With ``record`` (a list) each layer appends the batch statistics it used;
 the algorithm returns them out of ``vmap`` and folds the meta-batch's mean into the
-per-step buffers (``update_running_stats``). With ``use_running_stats`` set (for
-non-transductive evaluation) step ``k`` normalises with its own running statistics.
-With ``stats_rows`` set to ``n``, the statistics come from the first ``n`` rows of the
-batch only (the support set, when the query is appended after it: test-time BN of Ravi &
-Larochelle 2017, who normalise the query with statistics of the support set).
+per-step buffers (``update_running_stats``).
 
 Options of the MAML code (Finn et al. 2017, ``tf.contrib.layers.batch_norm`` defaults):
 ``scale=False`` has no weight γ (only the bias β), and ``eps`` is 1e-3 there.
@@ -28,8 +29,22 @@ under ``vmap`` are exact (pytorch/functorch#534).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Norm:
+    """How the BatchNorm layers of one forward normalise (the module docstring)."""
+
+    support_rows: int | None = None
+    running: bool = False
+    record: list | None = None  # each layer appends (slot, mean, var) here
+
+
+BATCH = Norm()  # the batch's own statistics
 
 
 class PerStepBatchNorm(nn.Module):
@@ -51,36 +66,33 @@ class PerStepBatchNorm(nn.Module):
         if per_step_stats:
             self.register_buffer("running_mean", torch.zeros(self.slots, num_features))
             self.register_buffer("running_var", torch.ones(self.slots, num_features))
-        self.use_running_stats = False
-        self.record_stats = False
-        self.stats_rows: int | None = None
-        self.last_stats: tuple[int, Tensor, Tensor] | None = None
 
     def slot(self, step: int) -> int:
         """The per-step weights and statistics that inner step ``step`` uses (later steps share the last)."""
         return min(step, self.slots - 1)
 
-    def forward(self, x: Tensor, step: int = 0) -> Tensor:
+    def forward(self, x: Tensor, step: int = 0, norm: Norm = BATCH) -> Tensor:
         slot = self.slot(step)
         weight = None if self.weight is None else self.weight[slot] if self.per_step_weights else self.weight
         bias = self.bias[slot] if self.per_step_weights else self.bias
         dims = [0] + list(range(2, x.dim()))
         view = (1, -1) + (1,) * (x.dim() - 2)
-        if self.use_running_stats and self.per_step_stats:
+        if norm.running and self.per_step_stats:
             centred = x - self.running_mean[slot].view(view)
             var = self.running_var[slot].view(view)
         else:
             # Centre once and reuse it for the variance and the output: under vmap and double
             # backward this is ~1.7x faster than x.var(), and exact (pinned to nn.BatchNorm2d).
-            source = x if self.stats_rows is None else x[: self.stats_rows]
+            rows = norm.support_rows
+            source = x if rows is None else x[:rows]
             mean = source.mean(dims, keepdim=True)
             centred = x - mean
-            if self.stats_rows is None:
+            if rows is None:
                 var = (centred * centred).mean(dims, keepdim=True)
             else:
-                var = (centred[: self.stats_rows] * centred[: self.stats_rows]).mean(dims, keepdim=True)
-            if self.record_stats:
-                self.last_stats = (slot, mean.detach().reshape(-1), var.detach().reshape(-1))
+                var = (centred[:rows] * centred[:rows]).mean(dims, keepdim=True)
+            if norm.record is not None:
+                norm.record.append((slot, mean.detach().reshape(-1), var.detach().reshape(-1)))
         # per-channel scale first, so the full-size tensor sees one fused multiply-add
         scale = torch.rsqrt(var + self.eps)
         if weight is not None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from lit_meta.models.layers import BATCH, Norm
+
 
 class MLP(nn.Module):
     def __init__(self, in_features: int, out_features: int, hidden: tuple[int, ...] = (40, 40)) -> None:
@@ -16,10 +18,11 @@ class MLP(nn.Module):
         self.feature_dim = width
         self.head = nn.Linear(width, out_features)
 
-    def features(self, x: Tensor, step: int = 0) -> Tensor:
+    def features(self, x: Tensor, step: int = 0, norm: Norm = BATCH) -> Tensor:
         """The body's output: what the head reads."""
         return self.body(x)
 
-    def forward(self, x: Tensor, step: int = 0) -> Tensor:
-        # `step` is the inner-loop step; per-step layers (MAML++) read it, these do not.
+    def forward(self, x: Tensor, step: int = 0, norm: Norm = BATCH) -> Tensor:
+        # `step` is the inner-loop step and `norm` how BatchNorm normalises: per-step and
+        # normalising layers (conv4's) read them; an MLP has neither.
         return self.head(self.body(x))
