@@ -20,6 +20,7 @@ from lit_meta.algorithms import MAML
 from lit_meta.bench.case import TensorTasks
 from lit_meta.data.base import EpisodicDataModule
 from lit_meta.data.sine import SineDataModule
+from lit_meta.episode import run_tasks
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
 
     def one_step(step: int) -> None:
         batch = dm.train_batch(step)
-        out = model.run_tasks(batch, args.inner_steps, first_order=args.first_order, training=True)
+        out = run_tasks(model, batch, model.context(True, batch), args.inner_steps, args.first_order)
         model.meta_step(model, out["updates"], query_losses=out["query_loss"], optimizer=optimizer)
 
     for step in range(args.warmup):

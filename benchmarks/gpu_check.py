@@ -525,6 +525,7 @@ def worker_compile(args: argparse.Namespace) -> None:
     """Each (mode, path) of :data:`COMPILE_CASES`, eager first, on one fixed batch, Dynamo reset
     before each case; cases that no longer fit the part's time are reported skipped."""
     from lit_meta.algorithms import MAML, Reptile
+    from lit_meta.episode import run_tasks
     from lit_meta.internals import compiled_graph_count
     from lit_meta.tasks import TaskBatch, task_spec
 
@@ -553,7 +554,7 @@ def worker_compile(args: argparse.Namespace) -> None:
         """One meta-step (training paths; returns a parameter) or one evaluation (its losses)."""
         if path == "eval":
             with torch.enable_grad():
-                return m.run_tasks(evaluation, 3, first_order=True, training=False)["final_query_loss"]
+                return run_tasks(m, evaluation, m.context(False, evaluation), 3, True)["final_query_loss"]
         m.outer_update(train)
         return next(m.net.parameters()).detach()
 

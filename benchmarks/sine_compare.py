@@ -23,6 +23,7 @@ from lit_meta.algorithms import MAML, MetaSGD, Reptile, Transfer
 from lit_meta.algorithms.base import MetaLearner
 from lit_meta.data import SineDataModule
 from lit_meta.data.sine import sine_tasks
+from lit_meta.episode import adapt_task, run_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +48,7 @@ def curve(model: MetaLearner, batch, max_steps: int) -> tuple[list[float], list[
     (MAML, FOMAML, transfer, random init), SGD at 0.02 (Reptile), learned rates (Meta-SGD)."""
     means, cis = [], []
     for k in range(max_steps + 1):
-        out = model.run_tasks(batch, k, first_order=True, training=False)
+        out = run_tasks(model, batch, model.context(False, batch), k, True)
         losses = out["final_query_loss"].double()
         means.append(losses.mean().item())
         cis.append(1.96 * losses.std().item() / math.sqrt(losses.numel()))
@@ -125,7 +126,7 @@ def plot(results: dict, models: dict[str, MetaLearner], out: Path) -> None:
         ax.scatter(batch.support_x[0, :, 0], batch.support_y[0, :, 0], c="k", s=12, label="support")
         params = {n: p.detach() for n, p in model.net.named_parameters()}
         for k in (0, 1, 10):
-            adapted = model.adapt_task(params, batch.support_x[0], batch.support_y[0], k, True, False)
+            adapted = adapt_task(model, params, batch.support_x[0], batch.support_y[0], k, True, model.context(False))
             with torch.no_grad():
                 ax.plot(xs[0, :, 0], model.forward_fn(adapted.params, xs[0])[:, 0], label=f"{k} steps")
         ax.set_title(name, fontsize=9)
