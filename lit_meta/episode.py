@@ -112,6 +112,9 @@ class EpisodeAlgorithm(Protocol):
     def query_objective(self, adapted: Adapted, support_x: Tensor, query_x: Tensor, query_y: Tensor,
                         final_loss: Tensor, ctx: EpisodeContext) -> Tensor: ...
     def extra_task_outputs(self, adapted: Adapted, support_x: Tensor, ctx: EpisodeContext) -> dict[str, Any]: ...
+    def inner_penalty(self, params: Params, start: Params, ctx: EpisodeContext) -> Tensor | None: ...
+    def task_gradient(self, adapted: Adapted, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                      query_y: Tensor, ctx: EpisodeContext) -> Params | None: ...
     def absorb_task_outputs(self, out: dict[str, Any]) -> None: ...
 
 
@@ -155,12 +158,15 @@ def adapt_task(algorithm: EpisodeAlgorithm, params: Params, support_x: Tensor, s
     """``steps`` inner steps of the algorithm's rule on one task's support loss; with
     ``schedule`` (``[steps, batch]``), step ``k`` trains on support rows ``schedule[k]``."""
     norm = algorithm.inner_norm(ctx)
+    start = {n: params[n] for n in algorithm.adapt_names()}
 
     # The data are arguments, not closed over: inner checkpointing recomputes a step from its inputs.
     def support_loss(p: Params, step: int, x: Tensor, y: Tensor, *rows: Tensor) -> Tensor:
         if rows:
             x, y = x[rows[0][step]], y[rows[0][step]]
-        return algorithm.support_loss_fn(algorithm.forward_fn(p, x, step, norm), y)
+        loss = algorithm.support_loss_fn(algorithm.forward_fn(p, x, step, norm), y)
+        penalty = algorithm.inner_penalty(p, start, ctx)
+        return loss if penalty is None else loss + penalty
 
     data = (support_x, support_y) if schedule is None else (support_x, support_y, schedule)
     with inner_precision(ctx, support_x.device.type):
@@ -194,6 +200,9 @@ def task_outputs(algorithm: EpisodeAlgorithm, params: Params, support_x: Tensor,
         "query_acc": algorithm.accuracy(prediction, query_y),
     })
     if ctx.training:
+        task_grads = algorithm.task_gradient(adapted, support_x, support_y, query_x, query_y, ctx)
+        if task_grads is not None:
+            out["task_grads"] = task_grads
         return out
     # the query after k = 0..steps inner steps; the last is the prediction above, so the curve ends at it
     predictions = [algorithm.predict(p, support_x, support_y, query_x, k, ctx)

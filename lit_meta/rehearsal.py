@@ -172,6 +172,14 @@ IMAGE_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "mamlpp_support_bn": ("MAMLpp", {"inner_steps": 2, "transductive": "support", "first_order_epochs": 1}),
     "reptile_carried_adam": ("Reptile", {"inner_steps": 2, "persistent_inner_state": True}),
     "metalstm": ("MetaLSTM", {"inner_steps": 2, "transductive": "support"}),
+    "protonet": ("ProtoNet", {}),
+    "protonet_cosine_per_example": ("ProtoNet", {"distance": "cosine", "transductive": False}),
+    "r2d2": ("R2D2", {"learn_lambda": True, "transductive": "support"}),
+    "imaml": ("IMAML", {"inner_steps": 2, "cg_steps": 2}),
+    "boil": ("BOIL", {"inner_steps": 2}),
+    "metabaseline": ("MetaBaseline", {}),
+    "maml_resnet12": ("MAML", {"backbone": "resnet12",
+                               "backbone_kwargs": {"channels": [4, 4, 4, 4], "drop_rate": 0.1}}),
 }
 OTHER_CASES = ("transfer", "maml_sine_host_batches", "reptile_sine_host_batches", "learning_to_learn")
 CASES = (*IMAGE_CASES, *OTHER_CASES)
@@ -188,8 +196,10 @@ def build_case(name: str) -> tuple[torch.nn.Module, Callable[[int], Any], Any, s
     small = {"backbone_kwargs": {"filters": 4}, "meta_batch_size": TASKS}
     if name in IMAGE_CASES:
         cls, options = IMAGE_CASES[name]
-        draw = episodes(meta_pool())
-        return getattr(algorithms, cls)(task_spec=spec, **small, **options), draw, draw(100), "test"
+        size = 16 if options.get("backbone") == "resnet12" else 8  # four 2x2 poolings
+        draw = episodes(meta_pool(size=size))
+        spec = task_spec("rehearsal", "classification", [1, size, size], WAYS)
+        return getattr(algorithms, cls)(task_spec=spec, **{**small, **options}), draw, draw(100), "test"
     if name == "transfer":  # pre-training on the global labels of the episodes
         pool = meta_pool()
         model = algorithms.Transfer(task_spec={**spec, "train_classes": pool.num_classes}, **small)

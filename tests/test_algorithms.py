@@ -244,3 +244,29 @@ def test_mamlpp_bnrs_evaluation_normalises_as_its_mode_says_and_results_json_rec
     ctx = model.context(False)
     assert ctx.bn == mode and model.inner_norm(ctx) == (Norm(running=True) if mode == "running" else Norm())
     assert model.results_extra()["bn"] == expected_bn
+
+
+def test_boil_adapts_the_body_and_leaves_the_head_as_meta_learned():
+    """BOIL (the mirror of ANIL): after the inner loop the head is θ's and the body moved; BOIL
+    is MAML with adapt: body, the same meta-gradient."""
+    from lit_meta.algorithms import ANIL, BOIL
+
+    torch.manual_seed(0)
+    boil = small(BOIL, spec=IMAGES, inner_steps=2, inner_lr=0.3)
+    maml = small(MAML, spec=IMAGES, inner_steps=2, inner_lr=0.3, adapt="body")
+    maml.load_state_dict(boil.state_dict())
+    assert set(boil.adapt_names()) == {n for n, _ in boil.net.named_parameters() if not n.startswith("head.")}
+    anil = small(ANIL, spec=IMAGES)
+    assert set(anil.adapt_names()) == {"head.weight", "head.bias"}
+    out = run(boil, image_batch(), 2, first_order=False, training=True)
+    assert set(out["updates"]) == set(boil.adapt_names())
+    assert all(out["updates"][n].abs().sum() > 0 for n in boil.adapt_names())
+    a = torch.autograd.grad(out["query_loss"].mean(), list(boil.net.parameters()))
+    b = torch.autograd.grad(run(maml, image_batch(), 2, first_order=False, training=True)["query_loss"].mean(),
+                            list(maml.net.parameters()))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+    with pytest.raises(ValueError, match="BOIL adapts the body only"):
+        small(BOIL, spec=IMAGES, adapt="head")
+    with pytest.raises(ValueError, match="adapt: body needs a backbone with a `head`"):
+        small(MAML, spec=IMAGES, adapt="body", backbone_kwargs={"filters": 4, "with_head": False})

@@ -2,7 +2,8 @@
 Understanding the Effectiveness of MAML").
 
 Almost No Inner Loop: only the head adapts to each task; the body is meta-learned in the
-outer loop (second order through the head's steps unless ``first_order``).
+outer loop (second order through the head's steps unless ``first_order``). It is MAML with
+the shared option ``adapt: head``; BOIL (boil.py) is its mirror, ``adapt: body``.
 """
 from __future__ import annotations
 
@@ -14,10 +15,8 @@ from lit_meta.algorithms.base import MetaLearner
 class ANIL(MetaLearner):
     algorithm = "anil"
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if not any(n.startswith("head.") for n, _ in self.net.named_parameters()):
-            raise ValueError(f"ANIL needs a backbone with a `head` module; {type(self.net).__name__} has none")
-
-    def adapt_names(self) -> list[str]:
-        return [n for n, _ in self.net.named_parameters() if n.startswith("head.")]
+    def __init__(self, adapt: str = "head", **kwargs: Any) -> None:
+        if adapt != "head":
+            raise ValueError(f"ANIL adapts the head only (adapt: head), got adapt: {adapt}; MAML with adapt: "
+                             f"{adapt} is that algorithm")
+        super().__init__(adapt=adapt, **kwargs)

@@ -65,6 +65,7 @@ from lit_meta.tasks import TaskBatch
 from lit_meta.update_rules import SGD, UpdateRule
 
 LOSS_REDUCTIONS = ("mean", "sum_over_shots")
+ADAPT_SCOPES = ("all", "head", "body")
 TRANSDUCTIVE = {True: "transductive", False: "per_example", "support": "support"}
 BN_NAMES = {"transductive": "transductive", "per_example": "non-transductive", "support": "support statistics",
             "running": "per-step running statistics"}
@@ -88,7 +89,9 @@ class MetaLearner(MetaModule):
       ``predict(...)``, ``evaluation_bn()`` (MAML++: BNRS's per-step running statistics at
       non-transductive evaluation) and ``query_step(step)`` (MAML++: the per-step BN slot the
       query reads), ``forward_fn``, ``loss_fn``, ``accuracy``;
-    - the network: ``backbone_options()`` (MAML++: per-step BatchNorm);
+    - the inner objective and the meta-gradient: ``inner_penalty(...)`` and ``task_gradient(...)``
+      (iMAML: the proximal term, the implicit gradient by conjugate gradient);
+    - the network: ``backbone_options()`` (MAML++: per-step BatchNorm; ProtoNet, R2D2: no head);
     - the meta-step: ``outer_update(batch, ctx)`` (Reptile, Transfer);
     - loading: ``before_load_state(state_dict)`` (Transfer: its classifier, sized by the data);
     - adaptation to a new task (``lit_meta.adapt``): ``set_inner_lr(lr)`` (Meta-SGD, MAML++:
@@ -118,6 +121,7 @@ class MetaLearner(MetaModule):
         adapt_bn: bool = True,
         inner_batch_size: int | None = None,
         eval_inner_batch_size: int | None = None,
+        adapt: str = "all",
         **kwargs: Any,
     ) -> None:
         """The inner loop's and evaluation's options; ``kwargs``: the outer loop's
@@ -135,6 +139,8 @@ class MetaLearner(MetaModule):
                               ("meta_loss_reduction", meta_loss_reduction)):
             if value not in LOSS_REDUCTIONS:
                 raise ValueError(f"{option} must be one of {LOSS_REDUCTIONS}, got {value!r}")
+        if adapt not in ADAPT_SCOPES:
+            raise ValueError(f"adapt must be one of {ADAPT_SCOPES}, got {adapt!r}")
         if transductive not in TRANSDUCTIVE:
             raise ValueError(f"transductive must be true, false or 'support', got {transductive!r}")
         for option, value in (("inner_batch_size", inner_batch_size), ("eval_inner_batch_size", eval_inner_batch_size)):
@@ -149,6 +155,11 @@ class MetaLearner(MetaModule):
         self.meta_batch_size = meta_batch_size
         # the network last: backbone_options() may read the options above
         self.net = build_network(backbone, task_spec, **{**(backbone_kwargs or {}), **self.backbone_options()})
+        # what the inner loop adapts: everything (MAML), the head only (ANIL) or the body only (BOIL)
+        self.adapt_scope = adapt
+        if adapt != "all" and getattr(self.net, "head", None) is None:
+            raise ValueError(f"adapt: {adapt} needs a backbone with a `head` module; {type(self.net).__name__} has "
+                             "none")
         # Tasks adapted (and, in training, back-propagated) together. None: the whole
         # meta-batch in one vmap, fastest; k: peak memory of k tasks' graphs, same gradient.
         self.task_chunk_size = task_chunk_size
@@ -190,10 +201,13 @@ class MetaLearner(MetaModule):
 
     # ------------------------------------------------------------------ what adapts, and how
     def adapt_names(self) -> list[str]:
-        """Names (in ``inner_params``) that the inner loop adapts. All, for MAML (BatchNorm's
-        weight and bias only with ``adapt_bn``)."""
+        """Names (in ``inner_params``) that the inner loop adapts: all (MAML), the head's (``adapt:
+        head``, ANIL) or the body's (``adapt: body``, BOIL); BatchNorm's weight and bias only
+        with ``adapt_bn``."""
         frozen = set() if self.adapt_bn else self.norm_parameter_names()
-        return [n for n, _ in self.net.named_parameters() if n not in frozen]
+        in_scope = {"all": lambda n: True, "head": lambda n: n.startswith("head."),
+                    "body": lambda n: not n.startswith("head.")}[self.adapt_scope]
+        return [n for n, _ in self.net.named_parameters() if n not in frozen and in_scope(n)]
 
     def norm_parameter_names(self) -> set[str]:
         """The network's BatchNorm weights and biases."""
@@ -296,6 +310,17 @@ class MetaLearner(MetaModule):
         """More per-task outputs (tensors) to carry out of vmap."""
         return {}
 
+    def inner_penalty(self, params: Params, start: Params, ctx: EpisodeContext) -> Tensor | None:
+        """A term added to the inner loop's support loss at ``params`` (the adapted ones), given
+        the ``start`` of the inner loop (iMAML: the proximal term); None: none."""
+        return None
+
+    def task_gradient(self, adapted: Adapted, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                      query_y: Tensor, ctx: EpisodeContext) -> Params | None:
+        """The task's meta-gradient computed in the episode, by name of the adapted parameters
+        (iMAML: the implicit gradient), or None: the meta-step back-propagates the query loss."""
+        return None
+
     def absorb_task_outputs(self, out: dict[str, Any]) -> None:
         """Called once per training meta-batch, outside vmap (e.g. running statistics)."""
 
@@ -318,6 +343,9 @@ class MetaLearner(MetaModule):
         # Here, not in __init__: the rule is built from what the subclass's __init__ adds.
         if self.inner_checkpointing and (problem := recompute_problem(self.update_rule(EpisodeContext(True)))):
             raise ValueError(f"inner_checkpointing: {problem}")
+        if self.inner_checkpointing and getattr(self.net, "random_forward", False):
+            raise ValueError("inner_checkpointing: the network draws random numbers in training (drop_rate > 0), "
+                             "so a recomputed step would differ from the one taken; set drop_rate: 0")
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> None:
         out = self.outer_update(batch, self.context(True, batch))

@@ -9,8 +9,9 @@ from torch import nn
 
 from lit_meta.models.conv4 import Conv4
 from lit_meta.models.mlp import MLP
+from lit_meta.models.resnet12 import ResNet12
 
-BACKBONES = ("auto", "mlp", "conv4")
+BACKBONES = ("auto", "mlp", "conv4", "resnet12")
 
 
 def build_network(backbone: str, task_spec: dict[str, Any], **kwargs: Any) -> nn.Module:
@@ -25,8 +26,9 @@ def build_network(backbone: str, task_spec: dict[str, Any], **kwargs: Any) -> nn
             raise ValueError(f"backbone 'mlp' needs flat inputs, the data gives shape {shape}")
         return MLP(shape[0], task_spec["ways"], **kwargs)
     if len(shape) != 3:
-        raise ValueError(f"backbone 'conv4' needs [channels, H, W] inputs, the data gives shape {shape}")
-    return Conv4(shape[0], task_spec["ways"], image_size=shape[-1], **kwargs)
+        raise ValueError(f"backbone {backbone!r} needs [channels, H, W] inputs, the data gives shape {shape}")
+    cls = ResNet12 if backbone == "resnet12" else Conv4
+    return cls(shape[0], task_spec["ways"], image_size=shape[-1], **kwargs)
 
 
-__all__ = ["BACKBONES", "Conv4", "MLP", "build_network"]
+__all__ = ["BACKBONES", "Conv4", "MLP", "ResNet12", "build_network"]

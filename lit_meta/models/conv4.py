@@ -17,6 +17,8 @@ default keeps the original lit_meta network, so old checkpoints and configs are 
   (``tf.reduce_mean(hidden4, [1, 2])``: 64 features from the 2x2 map).
 - ``bn_scale``: false drops BatchNorm's weight γ (``tf.contrib.layers.batch_norm``'s
   default ``scale=False`` in cbfinn/maml); ``bn_eps``: its epsilon (TF: 1e-3).
+- ``with_head``: false builds the body alone, an embedding whose ``forward`` gives the
+  features (the metric and closed-form heads of ProtoNet and R2D2 need no linear head).
 - ``init``: ``torch`` (default: PyTorch's); ``maml`` (cbfinn/maml: Glorot-uniform
   convolutions, zero biases, a head of N(0, 1) weights on a mean-pooled map, else
   Glorot-uniform); ``glorot`` (TensorFlow layers' defaults, as supervised-reptile uses:
@@ -51,6 +53,7 @@ class Conv4(nn.Module):
         bn_scale: bool = True,
         bn_eps: float = 1e-5,
         init: str = "torch",
+        with_head: bool = True,
     ) -> None:
         if head_pool not in HEAD_POOLS:
             raise ValueError(f"head_pool must be one of {HEAD_POOLS}, got {head_pool!r}")
@@ -75,7 +78,8 @@ class Conv4(nn.Module):
         self.body = nn.ModuleList(layers)
         with torch.no_grad():
             self.feature_dim = self.features(torch.zeros(2, in_channels, image_size, image_size), 0).shape[1]
-        self.head = nn.Linear(self.feature_dim, out_features)
+        # without a head the network is an embedding (metric and closed-form heads: ProtoNet, R2D2)
+        self.head = nn.Linear(self.feature_dim, out_features) if with_head else None
         self.reset_parameters(init)
 
     @torch.no_grad()
@@ -87,6 +91,8 @@ class Conv4(nn.Module):
         for conv in convs:
             (nn.init.xavier_normal_ if init == "mamlpp" else nn.init.xavier_uniform_)(conv.weight)
             nn.init.zeros_(conv.bias)
+        if self.head is None:
+            return
         normal_head = init == "mamlpp" or (init == "maml" and self.head_pool == "mean")
         (nn.init.normal_ if normal_head else nn.init.xavier_uniform_)(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -98,4 +104,5 @@ class Conv4(nn.Module):
         return x.mean((-2, -1)) if self.head_pool == "mean" else x.flatten(1)
 
     def forward(self, x: Tensor, step: int = 0, norm: Norm = BATCH) -> Tensor:
-        return self.head(self.features(x, step, norm))
+        z = self.features(x, step, norm)
+        return z if self.head is None else self.head(z)
