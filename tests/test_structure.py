@@ -145,6 +145,7 @@ def test_readme_tree_names_every_module():
 STATE_ALLOWED = {
     "curves": "the test curves of the last test epoch, for results.json",
     "inner_lr": "set_inner_lr: an adaptation option the user gives",
+    "ways": "resize_head of a headless embedding: the number of classes of a new task's support set",
     "classifier": "before_load_state: the transfer classifier sized by a checkpoint",
     "tuned_lrs": "the learned optimizer's tuned baseline rates, for the test epoch",
     "_unroll": "the learned optimizer's unroll in progress (its training state, checkpointed by design)",
