@@ -3,7 +3,8 @@ Gradient Agreement, meta-tested on the same 600 tasks: one table, one JSON file,
 
     python benchmarks/omniglot_table.py --data-root ../shared/data/omniglot
 
-trains MAML, FOMAML, Reptile, Meta-SGD, MAML++, ANIL and the transfer baseline from their
+trains MAML, FOMAML, Reptile, Meta-SGD, MAML++, ANIL, the transfer baseline, Prototypical
+Networks, R2-D2, iMAML and BOIL from their
 own configs (``configs/omniglot/<algo>_5w1s.yaml``: the papers' hyperparameters, schedules
 over the papers' step counts) and MAML, FOMAML and Reptile again with ``weighting:
 gradient_agreement`` (Eshratifar et al. 2018), each stopped by Lightning's ``max_time`` after
@@ -50,6 +51,10 @@ RUNS: dict[str, tuple[str, list[str], float]] = {
     "mamlpp": ("mamlpp_5w1s", [], 0.4),
     "anil": ("anil_5w1s", [], 5.0),
     "transfer": ("transfer_5w1s", [], 8.0),
+    "protonet": ("protonet_5w1s", [], 1.0),
+    "r2d2": ("r2d2_5w1s", [], 1.0),
+    "imaml": ("imaml_5w1s", [], 0.3),
+    "boil": ("boil_5w1s", [], 2.5),
     "maml+ga": ("maml_5w1s", GA, 2.5),
     "fomaml+ga": ("fomaml_5w1s", GA, 6.0),
     "reptile+ga": ("reptile_5w1s", GA, 6.0),
@@ -76,7 +81,8 @@ def max_time(minutes: float) -> str:
 
 def command(name: str, args: argparse.Namespace) -> list[str]:
     config, extra, speed = RUNS[name]
-    steps_per_epoch = {"maml_5w1s": 1000, "fomaml_5w1s": 1000}.get(config, 500)
+    steps_per_epoch = {"maml_5w1s": 1000, "fomaml_5w1s": 1000, "protonet_5w1s": 1000, "r2d2_5w1s": 1000,
+                       "boil_5w1s": 1000}.get(config, 500)
     every = max(1, min(steps_per_epoch, round(speed * args.budget_minutes * 60 / max(args.validations, 1))))
     return [
         sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "omniglot" / f"{config}.yaml"),
