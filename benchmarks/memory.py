@@ -1,8 +1,10 @@
 """Peak memory and time per meta-step against the number of inner steps, with and without
-inner checkpointing (``model.init_args.inner_checkpointing``), second-order MAML.
+inner checkpointing (``model.init_args.inner_checkpointing``), second-order MAML; or iMAML
+(``--algorithm imaml``: its inner loop keeps no graph and no trajectory, so its memory must
+not grow with the steps).
 
     python benchmarks/memory.py --dataset omniglot --inner-steps 1 5 10 20 [--inner-checkpointing] \\
-        [--device cpu|cuda] [--threads N] [--compare learn2learn]
+        [--device cpu|cuda] [--threads N] [--compare learn2learn] [--algorithm maml|imaml]
 
 prints one JSON line per point (``dataset``, ``inner_steps``, ``inner_checkpointing``,
 ``peak_mem_mb``, ``seconds_per_step``, and ``side``, ``algorithm``, the shapes, ``device``,
@@ -109,7 +111,29 @@ def build_case(args: argparse.Namespace, inner_steps: int, side: str, device: to
                 model_kwargs={"inner_checkpointing": True} if checkpointing else {},
                 device=str(device), random_images=True, seed=args.seed)
     torch.manual_seed(args.seed)
+    if args.algorithm == "imaml":
+        return imaml_step(case, device)
     return build_sides(case, [side]).steps[side]
+
+
+def imaml_step(case: Case, device: torch.device) -> Callable[[], None]:
+    """iMAML's meta-step on the case's tasks and network: the inner steps without a graph, then
+    the implicit gradient (5 conjugate-gradient steps, as the paper's Omniglot setting)."""
+    from lit_meta.algorithms import IMAML
+    from lit_meta.bench.case import build_data
+
+    data = build_data(case)
+    model = IMAML(task_spec=data.datamodule.task_spec, backbone="conv4", inner_lr=case.inner_lr,
+                  inner_steps=case.inner_steps, meta_batch_size=case.meta_batch_size, cg_steps=5,
+                  backbone_kwargs=dict(case.shape.backbone_kwargs)).to(device)
+    model.train()
+    index = [0]
+
+    def step() -> None:
+        model.outer_update(data.datamodule.train_batch(index[0]).to(device))
+        index[0] += 1
+
+    return step
 
 
 # ----------------------------------------------------------------------------- points
@@ -125,7 +149,7 @@ def point_row(args: argparse.Namespace, inner_steps: int, side: str) -> dict[str
     cuda = args.device.startswith("cuda")
     return {"dataset": args.dataset, "inner_steps": inner_steps,
             "inner_checkpointing": bool(args.inner_checkpointing and side == "ours"),
-            "peak_mem_mb": None, "seconds_per_step": None, "side": side, "algorithm": "maml",
+            "peak_mem_mb": None, "seconds_per_step": None, "side": side, "algorithm": args.algorithm,
             "ways": shape["ways"], "shots": shape["shots"], "queries": args.queries or shape["queries"],
             "meta_batch_size": args.meta_batch_size or shape["meta_batch_size"],
             "task_chunk_size": args.task_chunk_size, "device": args.device, "threads": torch.get_num_threads(),
@@ -147,7 +171,8 @@ def run_child(args: argparse.Namespace) -> None:
 def spawn(args: argparse.Namespace, inner_steps: int, side: str, steps: int,
           env: dict[str, str] | None = None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--dataset", args.dataset, "--inner-steps", str(inner_steps),
-           "--device", args.device, "--steps", str(steps), "--seed", str(args.seed), "--point", side]
+           "--device", args.device, "--steps", str(steps), "--seed", str(args.seed), "--point", side,
+           "--algorithm", args.algorithm]
     for flag, value in (("--threads", args.threads), ("--queries", args.queries),
                         ("--meta-batch-size", args.meta_batch_size), ("--task-chunk-size", args.task_chunk_size)):
         if value is not None:
@@ -191,10 +216,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--meta-batch-size", type=int, default=None, help="override the dataset's meta-batch")
     p.add_argument("--task-chunk-size", type=int, default=None, help="ours: tasks adapted and back-propagated together")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--algorithm", choices=("maml", "imaml"), default="maml",
+                   help="second-order MAML, or iMAML (its implicit gradient; ours only)")
     p.add_argument("--point", choices=("ours", "learn2learn"), help=argparse.SUPPRESS)  # a child process
     args = p.parse_args(argv)
     if min(args.inner_steps) < 1 or args.steps < 1:
         p.error("--inner-steps and --steps must be >= 1")
+    if args.algorithm == "imaml" and (args.compare != "none" or args.inner_checkpointing):
+        p.error("--algorithm imaml: ours only, and it keeps no graph to checkpoint")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     return args

@@ -17,7 +17,8 @@ inner loop and evaluation mode (``MetaLearner.adapt_and_predict``: its update ru
 learned rates, its BatchNorm mode) for its test-time step count unless ``steps`` is given.
 
 When the support set has another number of classes than the checkpoint's head, the
-model gets a zero-initialised head of the right width (``MetaLearner.resize_head``).
+model gets a zero-initialised head of the right width (``MetaLearner.resize_head``; BOIL,
+whose inner loop cannot move its head, keeps that many rows of the meta-learned one).
 This module only reads the files, calls the model and writes the predictions.
 """
 from __future__ import annotations
@@ -184,7 +185,7 @@ def adapt(checkpoint: str | Path, support: str | Path, query: str | Path, steps:
                            f"the model takes {spec['channels']} channel(s)")
         if (old := model.resize_head(len(names))) != len(names):
             notices.insert(0, f"note: the checkpoint has {old} classes, the support set {len(names)}: "
-                              f"adapting a new zero-initialised {len(names)}-way head")
+                              f"{model.resized_head_note(len(names))}")
         logits = model.adapt_and_predict(support_images.images.to(device), sy.to(device),
                                          query_images.images.to(device), steps).cpu()
         predicted = logits.argmax(-1)

@@ -61,6 +61,8 @@ RESUMABLE = {
     "maml": {},
     "reptile": {},
     "mamlpp": {"model.init_args.msl_epochs": 2, "model.init_args.first_order_epochs": 2},
+    "imaml": {"model.init_args.inner_steps": 3},  # implicit gradients written by the meta-step
+    "boil": {},
 }
 
 

@@ -1,6 +1,7 @@
 """Every config in configs/ parses and takes two training steps on generated data."""
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -23,10 +24,11 @@ def _param(config: str):
     return pytest.param(config, marks=pytest.mark.slow) if image and "_5w1s" not in config else config
 
 
+PART_DIRS = ("logger", "trainer", "backbones")  # parts composed after a whole config (tests below)
 CONFIGS = [
     _param(p.relative_to(REPO / "configs").as_posix())
     for p in sorted((REPO / "configs").rglob("*.yaml"))
-    if p.parent.name not in ("logger", "trainer") and p.name != "data.yaml"  # data.yaml: a part, composed below
+    if p.parent.name not in PART_DIRS and p.name != "data.yaml"  # data.yaml: a part, composed below
 ]
 DATA_PARTS = sorted(p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").glob("*/data.yaml"))
 
@@ -36,7 +38,8 @@ def roots(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("config-data")
     # 330 characters: enough for 20-way episodes in every split of the Finn proportions.
     omniglot = write_omniglot_npz(base / "omniglot", omniglot_arrays(background=200, evaluation=130, drawers=20))
-    mini = write_mini_pickles(base / "mini", mini_arrays(classes={"train": 6, "val": 5, "test": 5},
+    # 16 training classes: R2-D2's miniImageNet config trains on 16-way episodes
+    mini = write_mini_pickles(base / "mini", mini_arrays(classes={"train": 16, "val": 5, "test": 5},
                                                          per_class=20, size=84))
     # 6 images of each class: the 5-shot configs draw 5 support + 1 query images per class
     sources = {"cifar": write_cifar100(base / "sources" / "cifar", train=5, test=1),
@@ -50,12 +53,22 @@ def roots(tmp_path_factory) -> dict[str, Path]:
 def data_args(dataset: str, roots: dict[str, Path]) -> list[str]:
     if dataset not in IMAGE_DATASETS:
         return []
-    args = ["--data.root", str(roots[dataset]), "--data.cache_dir", str(roots["cache"])]
-    if dataset in ("omniglot", "miniimagenet"):
-        return args
-    # the original-source miniatures hold 2-4 images per class: one query per class
-    args += ["--data.queries", "1", "--data.eval_queries", "1"]
+    # one query per class: the original-source miniatures hold 2-4 images per class, and the
+    # papers' 15 queries would make the second-order 84x84 configs take half a minute a step here
+    args = ["--data.root", str(roots[dataset]), "--data.cache_dir", str(roots["cache"]),
+            "--data.queries", "1", "--data.eval_queries", "1"]
     return args + (["--data.imagenet_root", str(roots["imagenet"])] if dataset == "tieredimagenet" else [])
+
+
+def narrow_resnet12(config: str, channels: tuple[int, ...] = (8, 8, 8, 8)) -> list[str]:
+    """ResNet-12 at 84x84 takes about a minute a step on 2 cores: the default tier runs its configs
+    with the config's own backbone options but ``channels`` narrowed (one full-width step: slow tier)."""
+    import yaml
+
+    init = yaml.safe_load((REPO / "configs" / config).read_text()).get("model", {}).get("init_args", {})
+    if init.get("backbone") != "resnet12":
+        return []
+    return ["--model.init_args.backbone_kwargs", json.dumps({**init.get("backbone_kwargs", {}), "channels": list(channels)})]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -63,12 +76,12 @@ def test_config_takes_two_training_steps(config, roots, tmp_path, monkeypatch):
     from lit_meta.cli import MetaCLI
 
     monkeypatch.chdir(tmp_path)
-    args = ["--config", str(REPO / "configs" / config), *data_args(config.split("/")[0], roots)]
+    # two tasks per step, whatever the paper's meta-batch (linked into the data, as a user's flag is)
+    args = ["--config", str(REPO / "configs" / config), *data_args(config.split("/")[0], roots),
+            "--model.init_args.meta_batch_size", "2", *narrow_resnet12(config)]
     cli = MetaCLI(args=args, run=False)
     model, dm = cli.model, cli.datamodule
-    if hasattr(model, "meta_batch_size") and hasattr(dm, "meta_batch_size"):
-        # keep the test fast: two tasks per step, whatever the paper's meta-batch
-        model.meta_batch_size = dm.meta_batch_size = 2
+    assert model.meta_batch_size == dm.meta_batch_size == 2
     dm.setup("fit")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for step in range(2):
@@ -76,6 +89,23 @@ def test_config_takes_two_training_steps(config, roots, tmp_path, monkeypatch):
     changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert changed, f"{config}: no parameter moved"
     assert all(math.isfinite(p.detach().abs().sum().item()) for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_a_resnet12_config_takes_a_step_at_full_width(roots, tmp_path, monkeypatch):
+    from lit_meta.cli import MetaCLI
+
+    monkeypatch.chdir(tmp_path)
+    config = "miniimagenet/protonet_resnet12_5w1s.yaml"
+    cli = MetaCLI(args=["--config", str(REPO / "configs" / config), *data_args("miniimagenet", roots),
+                        "--model.init_args.meta_batch_size", "1"], run=False)
+    model, dm = cli.model, cli.datamodule
+    assert sum(p.numel() for p in model.net.parameters()) == 12_427_525 - 5 * 641  # headless: no 5-way head
+    dm.setup("fit")
+    before = [p.detach().clone() for p in model.parameters()]
+    model.outer_update(dm.train_batch(0))
+    assert all(math.isfinite(p.detach().abs().sum().item()) for p in model.parameters())
+    assert any(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
 
 
 @pytest.mark.parametrize("part", DATA_PARTS)
@@ -101,8 +131,30 @@ def test_data_part_composes_with_an_algorithm_config(part, roots, tmp_path, monk
     assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
 
 
+def test_backbone_part_puts_resnet12_under_an_algorithm_config_and_keeps_the_rest(tmp_path, monkeypatch):
+    """``--config <algorithm config> --config configs/backbones/resnet12.yaml``: the algorithm and its
+    inner loop from the first, ResNet-12 (64-160-320-640, DropBlock) with none of conv4's options left."""
+    from lit_meta.cli import MetaCLI
+    from lit_meta.models.resnet12 import ResNet12
+
+    monkeypatch.chdir(tmp_path)
+    alone = MetaCLI(args=["--config", str(REPO / "configs" / "miniimagenet" / "maml_5w1s.yaml"),
+                          "--data.root", str(tmp_path / "not_read")], run=False).model
+    cli = MetaCLI(args=["--config", str(REPO / "configs" / "miniimagenet" / "maml_5w1s.yaml"),
+                        "--config", str(REPO / "configs" / "backbones" / "resnet12.yaml"),
+                        "--data.root", str(tmp_path / "not_read")], run=False)
+    model = cli.model
+    assert type(model) is type(alone) and model.algorithm == "maml"
+    assert isinstance(model.net, ResNet12)
+    assert model.hparams.backbone_kwargs == {"channels": [64, 160, 320, 640], "drop_rate": 0.1,
+                                             "drop_block_size": 5, "head_pool": "mean"}
+    assert sum(p.numel() for p in model.net.parameters()) == 12_427_525  # 5-way head (docs/RESULTS.md, ResNet-12 row)
+    for key in ("inner_steps", "inner_lr", "first_order", "meta_batch_size", "eval_inner_steps"):
+        assert model.hparams[key] == alone.hparams[key], key
+
+
 ALL_CONFIGS = [p.relative_to(REPO / "configs").as_posix() for p in sorted((REPO / "configs").rglob("*.yaml"))
-               if p.parent.name not in ("logger", "trainer") and p.name != "data.yaml"]
+               if p.parent.name not in PART_DIRS and p.name != "data.yaml"]
 GENERATED = ("sine", "learning_to_learn")  # data drawn in memory: cheap enough to draw every task
 
 

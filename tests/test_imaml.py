@@ -40,6 +40,24 @@ def test_cg_solves_the_linear_system_of_a_quadratic_within_its_residual():
     assert residual < 1e-8  # 6 steps of CG on a 6-dimensional system: exact up to rounding
 
 
+def test_cg_stops_at_non_positive_curvature_instead_of_an_infinite_step():
+    """A = I + H/λ is indefinite when the support loss curves down faster than λ (a small λ on a
+    non-convex network): the step that meets p·Ap ≤ 0 is not taken, so v stays finite, and the
+    steps before it are CG's."""
+    h = torch.diag(torch.tensor([1.0, -3.0], dtype=torch.float64))  # A = diag(2, -2) at λ = 1
+    g = {"w": torch.tensor([1.0, 1.0], dtype=torch.float64)}  # p·Ap = 0 at the first step
+
+    def loss(p):
+        return 0.5 * p["w"] @ h @ p["w"]
+
+    v, _ = implicit_gradient(loss, g, {"w": torch.zeros(2, dtype=torch.float64)}, 1.0, 5)
+    assert torch.equal(v["w"], torch.zeros(2, dtype=torch.float64))
+    g = {"w": torch.tensor([1.0, 0.5], dtype=torch.float64)}  # first step taken (p·Ap = 1.5), then it stops
+    v, _ = implicit_gradient(loss, g, {"w": torch.zeros(2, dtype=torch.float64)}, 1.0, 5)
+    assert torch.isfinite(v["w"]).all()
+    torch.testing.assert_close(v["w"], (1.25 / 1.5) * g["w"])
+
+
 def test_the_implicit_gradient_of_a_converged_inner_loop_is_the_exact_meta_gradient():
     """A 2-3-2 network in float64, its inner loop (proximal SGD) run to convergence: the
     meta-gradient iMAML writes equals d L_q(φ*(θ)) / dθ = (I + H/λ)⁻¹ ∇L_q(φ*) with H the

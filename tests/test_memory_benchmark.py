@@ -21,6 +21,7 @@ def run_memory(*args: str) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
+@pytest.mark.slow  # benchmark tooling: a subprocess per point (17 s)
 def test_one_json_line_per_point_with_the_interface_keys():
     rows = run_memory("--dataset", "omniglot", "--inner-steps", "2", "--inner-checkpointing", "--threads", "1",
                       "--meta-batch-size", "2", "--steps", "2")
@@ -41,3 +42,13 @@ def test_checkpointed_peak_stays_flat_where_the_stored_graph_grows():
     ckpt = {r["inner_steps"]: r["peak_mem_mb"] for r in run_memory(*common, "--inner-checkpointing")}
     assert ckpt[8] <= 1.5 * ckpt[1], ckpt
     assert stored[8] >= 3 * stored[1], stored
+
+
+@pytest.mark.slow
+def test_imaml_peak_does_not_grow_with_the_inner_steps():
+    """iMAML keeps no graph to θ and no trajectory: 16 inner steps need what 1 needs (the
+    implicit gradient's CG is the same 5 Hessian-vector products either way)."""
+    common = ("--dataset", "miniimagenet", "--algorithm", "imaml", "--inner-steps", "1", "16", "--threads", "1",
+              "--meta-batch-size", "2", "--queries", "2", "--steps", "2")
+    peak = {r["inner_steps"]: r["peak_mem_mb"] for r in run_memory(*common)}
+    assert peak[16] <= 1.2 * peak[1], peak

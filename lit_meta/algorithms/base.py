@@ -95,7 +95,8 @@ class MetaLearner(MetaModule):
     - the meta-step: ``outer_update(batch, ctx)`` (Reptile, Transfer);
     - loading: ``before_load_state(state_dict)`` (Transfer: its classifier, sized by the data);
     - adaptation to a new task (``lit_meta.adapt``): ``set_inner_lr(lr)`` (Meta-SGD, MAML++:
-      the learned rates; Meta-LSTM: refuses), ``resize_head(ways)`` (Meta-SGD: the head's rates);
+      the learned rates; Meta-LSTM: refuses), ``resize_head(ways)`` (Meta-SGD: the head's rates;
+      BOIL: the meta-learned head's first rows) and ``resized_head_note(ways)``;
     - reporting: ``algorithm_name`` (MAML: fomaml when first order), ``results_extra()``,
       ``monitor``, ``meta_parameters()``, ``divergence_cause(step, batch)``.
 
@@ -459,6 +460,10 @@ class MetaLearner(MetaModule):
             nn.init.zeros_(new.bias)
             self.net.head = new
         return old
+
+    def resized_head_note(self, ways: int) -> str:
+        """What ``adapt`` tells the user after ``resize_head(ways)`` changed the head's width."""
+        return f"adapting a new zero-initialised {ways}-way head"
 
     def adapt_and_predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                           steps: int | None = None) -> Tensor:

@@ -38,6 +38,9 @@ class EmbeddingLearner(MetaLearner):
             raise ValueError(f"weighting {kwargs['weighting']!r} weights tasks by their inner updates, and {name} "
                              "has none: use weighting: uniform")
         super().__init__(inner_steps=0, **kwargs)
+        if self.regression:
+            raise ValueError(f"{name} classifies: its head is computed from the support set's classes, and "
+                             f"{self.task_spec.get('dataset')!r} is a regression dataset")
         self.ways = int(self.task_spec["ways"])
 
     def backbone_options(self) -> dict[str, Any]:

@@ -58,9 +58,15 @@ def implicit_gradient(support_loss: Callable[[Params], Tensor], query_grad: Para
     p = dict(r)
     rr = _dot(r, r)
     tiny = torch.finfo(rr.dtype).tiny
+    # A is positive definite only where the support loss is locally convex enough (H > -λ);
+    # along a direction of non-positive curvature CG's step would be infinite or uphill, so the
+    # iteration stops there (truncated CG, Steihaug 1983), keeping the last v: a flag, not a branch.
+    stopped = torch.zeros((), dtype=torch.bool, device=rr.device)
     for _ in range(steps):
         ap = apply(p)
-        alpha = rr / _dot(p, ap).clamp_min(tiny)
+        pap = _dot(p, ap)
+        stopped = stopped | (pap <= tiny) | (rr <= tiny)
+        alpha = torch.where(stopped, torch.zeros_like(rr), rr / pap.clamp_min(tiny))
         v = {n: v[n] + alpha * p[n] for n in v}
         r = {n: r[n] - alpha * ap[n] for n in r}
         new = _dot(r, r)
