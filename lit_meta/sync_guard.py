@@ -161,7 +161,11 @@ def cuda_sync_errors() -> Iterator[None]:
 def guard_training_steps(module: "torch.nn.Module", strict: bool = True, cuda: bool = False) -> Callable[[], None]:
     """Wrap ``module.training_step`` so every call runs under the guards; returns the undo.
 
-    With ``cuda`` the step also runs under :func:`cuda_sync_errors`."""
+    With ``cuda`` the step also runs under :func:`cuda_sync_errors`. It guards that one hook:
+    the divergence counters (``lit_meta.nonfinite``) are read after it, in ``on_train_batch_end``
+    on logging steps (``NonFiniteGuard.check``) and in ``on_train_end``, as are the values a
+    logging step hands to the logger. :class:`SyncWindow` covers every hook of a step, and
+    tells those reads from the ones no step may make."""
     original = module.training_step
 
     def guarded(*args: Any, **kwargs: Any) -> Any:

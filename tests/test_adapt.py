@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import lit_meta
-from lit_meta.adapt import adapt
+from lit_meta.adapt import adapt, read_query_folder, read_support_folder
 from lit_meta.algorithms import ANIL, MAML, MAMLpp, MetaLSTM, MetaSGD, Reptile, Transfer
 from lit_meta.checkpoint import load_checkpoint
 from lit_meta.cli import main
@@ -202,11 +202,19 @@ def test_unlabelled_query_prints_a_table(omni, checkpoints, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- ways
+OTHER_WAYS_BOUND = {3: 0.60, 7: 0.40}
+
+
 def check_other_ways(ways: int, accuracy: float) -> None:
     # A zero head still learns the task in 3 steps. Measured at seeds 0-4 x 1-2 threads
-    # (docs/RESULTS.md, 2026-11-30): 3-way >= 0.80, 7-way >= 0.51; the bound is 1.5 x chance
-    # (0.50 and 0.21).
-    assert accuracy > 1.5 / ways, (ways, accuracy)
+    # (docs/RESULTS.md, 2026-11-30): 3-way 0.80-1.00, 7-way 0.51-0.77 (issue 23 quotes 0.49 as
+    # the lowest 7-way); this checkout's own test run: 3-way 1.00, 7-way 0.66. The bounds are
+    # 1.8 x chance for 3-way (0.60: 9 of its 15 queries) and 2.8 x chance for 7-way (0.40:
+    # 14 of 35), each 3 queries below the lowest measured (12/15, 17/35). The data are easy (a random
+    # initialisation gets 0.73 / 0.54, and 1 step or a 10 x smaller rate change nothing), so the
+    # bound catches an adaptation that misses classes: one on the first 2 support images only
+    # gets 0.26 at 7-way, which the old 1.5 x chance bound (0.21) passed.
+    assert accuracy >= OTHER_WAYS_BOUND[ways], (ways, accuracy)
 
 
 def measure_other_ways(omni: dict, ckpt: Path, folder: Path) -> dict[int, float]:
@@ -226,25 +234,105 @@ def test_other_ways_resize_the_head_and_say_so(omni, checkpoints, tmp_path, caps
 
 
 ALGORITHMS = {
-    "maml": lambda spec: MAML(task_spec=spec, backbone_kwargs=SMALL),
-    "anil": lambda spec: ANIL(task_spec=spec, backbone_kwargs=SMALL),
-    "metasgd": lambda spec: MetaSGD(task_spec=spec, backbone_kwargs=SMALL),
+    "maml": lambda spec: MAML(task_spec=spec, backbone_kwargs=SMALL, inner_lr=0.4),
+    # two steps: with a zero head the first step moves only the head, the second the body too
+    "anil": lambda spec: ANIL(task_spec=spec, backbone_kwargs=SMALL, inner_lr=0.4, eval_inner_steps=2),
+    "metasgd": lambda spec: MetaSGD(task_spec=spec, backbone_kwargs=SMALL, eval_inner_steps=2),
     "mamlpp": lambda spec: MAMLpp(task_spec=spec, backbone_kwargs=SMALL, eval_inner_steps=2),
     "reptile": lambda spec: Reptile(task_spec=spec, backbone_kwargs=SMALL, eval_inner_steps=2),
-    "transfer": lambda spec: Transfer(task_spec=spec, backbone_kwargs=SMALL),
+    "transfer": lambda spec: Transfer(task_spec=spec, backbone_kwargs=SMALL, inner_lr=0.4),
     "meta_lstm": lambda spec: MetaLSTM(task_spec=spec, backbone_kwargs=SMALL, inner_steps=2),
 }
 
 
+@torch.no_grad()
+def learned_rules_set_apart(model) -> None:
+    """Meta-learned rule state that plain SGD at ``inner_lr`` cannot imitate: Meta-SGD's rates
+    random per entry, MAML++'s different per layer and step, Meta-LSTM's gates far from
+    (keep, inner_lr)."""
+    torch.manual_seed(1)
+    if isinstance(model, MetaSGD):
+        for rates in model.inner_lrs.values():
+            rates.uniform_(0.05, 0.5)
+    elif isinstance(model, MAMLpp):
+        for layer, rates in enumerate(model.inner_lrs.values()):
+            rates.copy_(torch.tensor([0.3, 0.04]) * (1 + layer % 3))
+    elif isinstance(model, MetaLSTM):
+        model.meta_learner.from_h.bias.copy_(torch.tensor([0.9, 0.2]).logit())
+        model.meta_learner.from_theta.uniform_(-0.5, 0.5)
+
+
+def hand_adapted_logits(model, rule: str, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
+    """The query logits after the checkpoint's test-time steps of ``rule``, written out from the
+    papers' update equations (the network's forward is the model's; nothing of its inner loop)."""
+    params = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    if rule == "anil":
+        names = ["head.weight", "head.bias"]
+    elif rule == "mamlpp":  # BNWB: per-step BN weights [slots, C] are outer-loop only (adapt_bn false)
+        names = [n for n, p in params.items() if not (n.startswith("body.") and p.dim() == 2)]
+    else:
+        names = list(params)
+    m = {n: torch.zeros_like(params[n]) for n in names}
+    v = {n: torch.zeros_like(params[n]) for n in names}
+    lstm_state = None
+    for k in range(model.eval_inner_steps):
+        with torch.enable_grad():
+            live = {n: p.requires_grad_(n in names) for n, p in ((n, p.clone()) for n, p in params.items())}
+            loss = torch.nn.functional.cross_entropy(model.forward_fn(live, sx, k), sy)
+            grads = dict(zip(names, torch.autograd.grad(loss, [live[n] for n in names])))
+        for n in names:
+            g = grads[n]
+            if rule in ("sgd", "anil"):
+                params[n] = params[n] - model.inner_lr * g
+            elif rule == "metasgd":  # θ' = θ − α ⊙ ∇, α learned per entry
+                params[n] = params[n] - model.inner_lrs.of(n).detach() * g
+            elif rule == "mamlpp":  # LSLR: the rate of this layer at step k
+                params[n] = params[n] - model.inner_lrs.of(n).detach()[k] * g
+            elif rule == "reptile":  # Adam, β1 = 0: m = g, v = β2 v + (1 − β2) g², bias-corrected v
+                b2, t = 0.999, k + 1
+                m[n] = g
+                v[n] = b2 * v[n] + (1 - b2) * g * g
+                params[n] = params[n] - model.inner_lr * m[n] / ((v[n] / (1 - b2 ** t)).sqrt() + 1e-8)
+        if rule == "meta_lstm":  # c_t = f_t ⊙ c_{t−1} − i_t ⊙ ∇_t, the gates from the meta-learner cell
+            theta = torch.cat([params[n].reshape(-1) for n in names])
+            grad = torch.cat([grads[n].reshape(-1) for n in names])
+            cell = model.meta_learner
+            lstm_state = cell.init_state(theta) if lstm_state is None else lstm_state
+            f, i, lstm_state = cell(grad, loss.detach(), theta, lstm_state)
+            assert (f - 1).abs().min() > 0.01 and (i - model.inner_lr).abs().min() > 0.05  # far from SGD
+            flat = (f * theta - i * grad).detach()
+            params.update({n: t.reshape(params[n].shape)
+                           for n, t in zip(names, flat.split([params[n].numel() for n in names]))})
+    return model.forward_fn(params, qx, model.query_step(model.eval_inner_steps)).detach()
+
+
+OWN_RULE = {"maml": "sgd", "transfer": "sgd", "anil": "anil", "metasgd": "metasgd", "mamlpp": "mamlpp",
+            "reptile": "reptile", "meta_lstm": "meta_lstm"}
+
+
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_every_algorithm_adapts_with_its_own_rule(omni, tmp_path, algorithm):
+    """``adapt``'s logits are those of the algorithm's own update rule computed by hand (from
+    the same checkpoint with the same resized head), and not those of plain SGD."""
     model = ALGORITHMS[algorithm](omni["dm"].task_spec)
+    learned_rules_set_apart(model)
     ckpt = save_checkpoint(model, tmp_path / "m.ckpt")
     support, query = evaluation_task(omni, tmp_path, [0, 1, 2])  # 3-way: head resized
     result = adapt(ckpt, support, query)
     assert result.outputs.shape == (15, 3) and torch.isfinite(result.outputs).all()
     assert "adapting a new zero-initialised 3-way head" in result.notices[0]
     assert type(load_checkpoint(ckpt)) is type(model)
+
+    hand = load_checkpoint(ckpt)
+    hand.resize_head(3)
+    sx, sy, names = read_support_folder(support, hand.task_spec)
+    qx, _ = read_query_folder(query, hand.task_spec, names)
+    expected = hand_adapted_logits(hand, OWN_RULE[algorithm], sx.images, sy, qx.images)
+    scale = expected.abs().max()
+    torch.testing.assert_close(result.outputs, expected, atol=1e-5 * scale, rtol=1e-4)
+    if OWN_RULE[algorithm] != "sgd":
+        sgd = hand_adapted_logits(hand, "sgd", sx.images, sy, qx.images)
+        assert (sgd - expected).abs().max() > 0.01 * scale, "the test cannot tell this rule from plain SGD"
 
 
 def test_inner_lr_and_steps_are_used(omni, checkpoints, tmp_path):

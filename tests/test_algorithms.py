@@ -6,9 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.func import functional_call
 
-from lit_meta.algorithms import ANIL, MAML, MAMLpp, MetaSGD, Reptile, Transfer
+from lit_meta.algorithms import ANIL, BOIL, MAML, MAMLpp, MetaSGD, Reptile, Transfer
 from lit_meta.algorithms.mamlpp import msl_importance
 from lit_meta.meta_step import gradient_agreement_weights
 from lit_meta.tasks import TaskBatch, task_spec
@@ -107,25 +108,90 @@ def test_msl_importance_sums_to_one_and_anneals_to_the_final_step():
 
 
 def test_mamlpp_lslr_has_a_rate_per_layer_and_step():
-    model = small(MAMLpp, spec=IMAGES, inner_steps=4, bnwb=False, bnrs=False)
+    """LSLR: one rate per parameter tensor and inner step, each moved by one SGD meta-step by
+    −meta_lr × ∂(meta-objective)/∂(rate), the derivative taken by central finite differences in
+    float64 (the meta-objective: the tasks' mean multi-step query loss, second order)."""
+    meta_lr, h = 0.5, 1e-6
+    model = small(MAMLpp, inner_steps=4, inner_lr=0.1, bnwb=False, bnrs=False, meta_optimizer="sgd", meta_lr=meta_lr)
+    batch = toy_batch(tasks=3)
     tensors = len(list(model.net.parameters()))
     assert sum(p.numel() for p in model.inner_lrs.values()) == 4 * tensors
-    out = run(model, image_batch(), 4, first_order=False, training=True)
-    model.meta_step(model, out["updates"], query_losses=out["query_loss"],
-                    optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
-    rates = torch.stack(list(model.inner_lrs.values()))
-    assert rates.std(1).max() > 0  # steps learn different rates
+    assert all(r.shape == (4,) and r.dtype == torch.float64 for r in model.inner_lrs.values())
+
+    def objective() -> float:
+        return run(model, batch, 4, first_order=False, training=True)["query_loss"].mean().item()
+
+    expected = {}
+    for key, rates in model.inner_lrs.items():
+        start = rates.detach().clone()
+        derivative = torch.empty_like(start)
+        for k in range(4):
+            with torch.no_grad():
+                rates[k] = start[k] + h
+            up = objective()
+            with torch.no_grad():
+                rates[k] = start[k] - h
+            down = objective()
+            with torch.no_grad():
+                rates.copy_(start)
+            derivative[k] = (up - down) / (2 * h)
+        expected[key] = start - meta_lr * derivative
+    model.outer_update(batch)  # the module's own meta-step: SGD at meta_lr
+    for key, rates in model.inner_lrs.items():
+        torch.testing.assert_close(rates.detach(), expected[key], rtol=0, atol=1e-8, msg=key)
+    moved = torch.stack([expected[k] - 0.1 for k in model.inner_lrs])
+    assert moved.abs().min() > 1e-5 and moved.std(1).min() > 1e-5  # every rate moved, each step its own way
 
 
 def test_mamlpp_bnrs_keeps_one_set_of_statistics_per_step_and_bnwb_per_step_weights():
+    """BNRS: after one training meta-batch, slot k of every layer's running mean and variance
+    has taken one momentum step (0.1) from (0, 1) towards the tasks' mean of the support batch's
+    statistics at inner step k (k = 0..3, the last the support forward after the third step, for
+    the query's slot), computed here by hand: each task adapted by SGD at the (initial, equal)
+    LSLR rates with the per-step BN weights outside the inner loop, each BN layer's input
+    captured, its per-channel mean and *biased* variance (what ``PerStepBatchNorm``
+    normalises with)."""
     model = small(MAMLpp, spec=IMAGES, inner_steps=3, bnwb=True, bnrs=True)
     norms = model.per_step_norms()
     assert len(norms) == 4
     norm = next(iter(norms.values()))
-    assert norm.running_mean.shape == (4, 4) and norm.weight.shape == (4, 4)
-    run(model, image_batch(), 3, first_order=False, training=True)
-    # Every step slot moved away from its initial statistics, each to different values.
-    assert (norm.running_mean.abs().sum(1) > 0).all()
+    assert norm.running_mean.shape == (4, 4) and norm.weight.shape == (4, 4) and norm.momentum == 0.1
+    assert all(torch.equal(r, torch.full((3,), model.inner_lr)) for r in model.inner_lrs.values())
+    batch = image_batch()
+
+    inputs: dict[str, Tensor] = {}
+    hooks = [m.register_forward_hook(lambda module, args, output, name=name: inputs.__setitem__(name, args[0].detach()))
+             for name, m in norms.items()]
+    stats = {name: [] for name in norms}  # per layer: [tasks][slot] (mean, biased var, unbiased var)
+    try:
+        for i in range(batch.num_tasks):
+            sx, sy = batch.support_x[i], batch.support_y[i]
+            params = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+            adapted = [n for n in params if not (n.startswith("body.") and params[n].dim() == 2)]  # not BNWB rows
+            per_slot = {name: [] for name in norms}
+            for k in range(4):
+                live = {n: p.clone().requires_grad_(n in adapted) for n, p in params.items()}
+                loss = F.cross_entropy(model.forward_fn(live, sx, k), sy)
+                for name, x in inputs.items():
+                    per_slot[name].append((x.mean((0, 2, 3)), x.var((0, 2, 3), correction=0),
+                                           x.var((0, 2, 3), correction=1)))
+                if k < 3:
+                    grads = torch.autograd.grad(loss, [live[n] for n in adapted])
+                    params.update({n: (params[n] - model.inner_lr * g).detach() for n, g in zip(adapted, grads)})
+            for name in norms:
+                stats[name].append(per_slot[name])
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    run(model, batch, 3, first_order=False, training=True)
+    for name, layer in norms.items():
+        for slot in range(4):
+            mean, biased, unbiased = (torch.stack([task[slot][j] for task in stats[name]]).mean(0) for j in range(3))
+            where = f"{name} slot {slot}"
+            torch.testing.assert_close(layer.running_mean[slot], 0.1 * mean, rtol=1e-5, atol=1e-6, msg=where)
+            torch.testing.assert_close(layer.running_var[slot], 0.9 + 0.1 * biased, rtol=1e-5, atol=1e-6, msg=where)
+            assert not torch.allclose(layer.running_var[slot], 0.9 + 0.1 * unbiased, rtol=1e-5, atol=1e-6), where
     assert not torch.allclose(norm.running_var[0], norm.running_var[3])
 
 
@@ -270,3 +336,22 @@ def test_boil_adapts_the_body_and_leaves_the_head_as_meta_learned():
         small(BOIL, spec=IMAGES, adapt="head")
     with pytest.raises(ValueError, match="adapt: body needs a backbone with a `head`"):
         small(MAML, spec=IMAGES, adapt="body", backbone_kwargs={"filters": 4, "with_head": False})
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: small(ANIL, spec=IMAGES, backbone_kwargs={"filters": 4, "with_head": False}),
+     "adapt: head needs a backbone with a `head` module; Conv4 has none"),
+    (lambda: small(BOIL, spec=IMAGES, backbone_kwargs={"filters": 4, "with_head": False}),
+     "adapt: body needs a backbone with a `head` module; Conv4 has none"),
+    (lambda: small(MAMLpp, bnwb=True, bnrs=False),  # TOY: the MLP, which has no BatchNorm
+     "bnwb/bnrs need a backbone with BatchNorm (conv4); set them false for this data"),
+    (lambda: small(MAMLpp, bnwb=False, bnrs=True),
+     "bnwb/bnrs need a backbone with BatchNorm (conv4); set them false for this data"),
+], ids=["anil-headless-conv4", "boil-headless-conv4", "mamlpp-bnwb-mlp", "mamlpp-bnrs-mlp"])
+def test_invalid_combinations_fail_with_one_line_naming_the_fix(make, message):
+    """docs/algorithms.md: "ANIL or BOIL on a backbone without a `head`, MAML++'s `bnwb` on an
+    MLP" fail at config time with one line."""
+    with pytest.raises(ValueError) as caught:
+        make()
+    assert str(caught.value) == message
+    assert len(str(caught.value).splitlines()) == 1

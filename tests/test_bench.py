@@ -47,6 +47,7 @@ def test_ours_step_moves_the_weights_and_model_kwargs_reach_the_model():
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, built.model.parameters()))
 
 
+@pytest.mark.slow  # benchmark tooling: fresh subprocesses (13 s)
 def test_cpu_peak_memory_grows_with_the_meta_batch():
     """Fresh subprocesses; second-order MAML keeps every task's graph, so 16 tasks need
     clearly more than 2 (measured: 39 vs 138 MB)."""

@@ -39,7 +39,8 @@ def params_after_a_meta_step(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("cls,kwargs", [(MAML, {"first_order": True}), (Reptile, {})], ids=["fomaml", "reptile"])
+@pytest.mark.parametrize("cls,kwargs", [(MAML, {"first_order": True}),
+                                        pytest.param(Reptile, {}, marks=pytest.mark.slow)], ids=["fomaml", "reptile"])
 def test_compiled_meta_step_equals_eager(cls, kwargs):
     eager, compiled = pair(cls, **kwargs)
     torch.compiler.reset()
@@ -53,6 +54,7 @@ def test_compiled_meta_step_equals_eager(cls, kwargs):
     assert compiled_graph_count() == graphs + 1
 
 
+@pytest.mark.slow  # a second compilation (9 s): the training step's capture is asserted above
 def test_compiled_evaluation_equals_eager():
     eager, compiled = pair(MAML)
     torch.compiler.reset()

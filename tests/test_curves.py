@@ -100,6 +100,7 @@ def test_wandb_gets_the_curves_as_plots(run_cli, capsys, monkeypatch, tmp_path):
         assert key in records, (key, list((tmp_path / "wb").rglob("*"))[:20])
 
 
+@pytest.mark.slow  # benchmark tooling: two Omniglot runs in subprocesses (20 s)
 def test_omniglot_table_script_trains_tests_and_writes_table_json_and_figure(omniglot_root, tmp_path):
     spec = importlib.util.spec_from_file_location("omniglot_table", REPO / "benchmarks" / "omniglot_table.py")
     table = importlib.util.module_from_spec(spec)

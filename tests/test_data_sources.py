@@ -425,6 +425,7 @@ def test_tieredimagenet_build_resumes_after_an_interruption(sources, tmp_path, m
         assert resumed[split].names == clean[split].names
 
 
+@pytest.mark.slow  # process start-up (10 s); the one-process build is checked against the source above
 def test_tieredimagenet_build_workers_give_the_same_array(sources, tmp_path, monkeypatch):
     """``build_workers: 2`` decodes each chunk in two processes, in order: the same array as one process."""
     monkeypatch.setattr(image_cache, "CHUNK_IMAGES", 7)  # several chunks, split unevenly between the workers

@@ -28,7 +28,7 @@ try:  # private Lightning API: without it, plain ddp_spawn
 except ImportError:  # pragma: no cover
     _MultiProcessingLauncher = None
 
-from lit_meta.algorithms import MAML, Reptile
+from lit_meta.algorithms import BOIL, IMAML, MAML, R2D2, ProtoNet, Reptile
 from lit_meta.checkpoint import AtomicCheckpointIO, atomic_torch_save
 from lit_meta.data.base import EpisodicDataModule
 from lit_meta.data.sine import SineDataModule
@@ -46,7 +46,15 @@ ALGORITHMS = {
     # second-order steps recomputed in DDP's backward (inner checkpointing), chunks and GA on
     "maml_ga_chunked_checkpointed": (MAML, {"weighting": "gradient_agreement", "task_chunk_size": 5,
                                             "inner_steps": 3, "inner_checkpointing": True}),
+    # the methods of issue 24: iMAML writes its implicit gradients (all-reduced by the meta-step, as
+    # Reptile's); BOIL is MAML adapting the body; ProtoNet and R2-D2 classify (Blobs, below)
+    "imaml": (IMAML, {"inner_steps": 3, "cg_steps": 2}),
+    "boil": (BOIL, {"first_order": False}),
+    "protonet": (ProtoNet, {}),
+    "r2d2": (R2D2, {"learn_lambda": True}),
 }
+CLASSIFIERS = ("protonet", "r2d2")  # trained on Blobs: classification
+WRITES_GRADIENTS = ("reptile", "imaml")  # no manual_backward: no DDP all-reduce
 
 
 class _LockstepExitLauncher(_MultiProcessingLauncher or object):
@@ -121,11 +129,15 @@ def _trainer(tmp_path: Path, devices: int, **kw) -> pl.Trainer:
                       inference_mode=False, default_root_dir=tmp_path, **kw)
 
 
+def _data(name: str) -> EpisodicDataModule:
+    return (Blobs if name in CLASSIFIERS else SineDataModule)(meta_batch_size=32, val_tasks=8, test_tasks=8)
+
+
 def _fit_one_step(tmp_path: Path, devices: int, name: str, **override) -> dict[str, torch.Tensor]:
     cls, kwargs = ALGORITHMS[name]
     kwargs = {**kwargs, **override}
     torch.manual_seed(0)
-    dm = SineDataModule(meta_batch_size=32, val_tasks=8, test_tasks=8)
+    dm = _data(name)
     # SGD, not Adam: Adam's first step is blind to the gradient's scale, SGD's is not.
     model = cls(task_spec=dm.task_spec, meta_batch_size=32, meta_optimizer="sgd", meta_lr=0.5, **{"inner_lr": 0.01, **kwargs})
     callbacks = [_RankRecorder(tmp_path)] if devices > 1 else []
@@ -133,7 +145,14 @@ def _fit_one_step(tmp_path: Path, devices: int, name: str, **override) -> dict[s
     return {n: p.detach().clone() for n, p in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("name", list(ALGORITHMS))
+# The default tier spawns three of these (each two interpreters): the case that has every meta-step
+# feature at once, one that writes its gradients (no manual_backward), one headless metric method.
+# The rest repeat one of those paths each (`pytest -m slow`).
+DEFAULT_DDP = ("maml_ga_chunked_checkpointed", "reptile", "protonet")
+
+
+@pytest.mark.parametrize("name", [n if n in DEFAULT_DDP else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in ALGORITHMS])
 def test_two_process_ddp_step_equals_single_process_step(tmp_path, name):
     # inner checkpointing: against the single process that stores the graph
     single = _fit_one_step(tmp_path / "one", 1, name, **({"inner_checkpointing": False} if "checkpointed" in name else {}))
@@ -143,7 +162,7 @@ def test_two_process_ddp_step_equals_single_process_step(tmp_path, name):
         torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=1e-5)
     # Each rank adapted exactly its half of the global meta-batch of step 0 (a rank adapting all
     # 32 tasks, or the other half, would give the same averaged gradient) ...
-    everything = SineDataModule(meta_batch_size=32).train_batch(0).support_x
+    everything = _data(name).train_batch(0).support_x
     chunk = ALGORITHMS[name][1].get("task_chunk_size")
     for rank in (0, 1):
         seen = torch.load(tmp_path / "two" / f"rank{rank}.pt")
@@ -152,11 +171,11 @@ def test_two_process_ddp_step_equals_single_process_step(tmp_path, name):
         # ... and DDP's reducer all-reduced once per manual_backward (one per chunk of the rank's
         # 16 tasks), never for the inner loop's torch.func gradients; Reptile writes its
         # gradients and all-reduces them itself. No backward built a graph of its gradients.
-        expected = 0 if name == "reptile" else math.ceil(16 / chunk) if chunk else 1
+        expected = 0 if name in WRITES_GRADIENTS else math.ceil(16 / chunk) if chunk else 1
         assert seen["allreduces"] == expected, seen["allreduces"]
         assert not any(seen["create_graph"])
     torch.manual_seed(0)
-    fresh = ALGORITHMS[name][0](task_spec=SineDataModule().task_spec, **ALGORITHMS[name][1])
+    fresh = ALGORITHMS[name][0](task_spec=_data(name).task_spec, **ALGORITHMS[name][1])
     assert any(not torch.allclose(fresh.state_dict()[k], single[k]) for k in single)  # the step did something
 
 
@@ -195,7 +214,8 @@ def check_blobs(m: dict[str, float]) -> None:
     assert m["test/acc"] > m["test/acc_before"] + 0.1, m
 
 
-@pytest.mark.parametrize("tasks,mini_batch", [(50, None), (1, None), (50, 2)],
+@pytest.mark.parametrize("tasks,mini_batch", [(50, None), pytest.param(1, None, marks=pytest.mark.slow),
+                                              pytest.param(50, 2, marks=pytest.mark.slow)],
                          ids=["uneven", "empty_rank", "inner_mini_batches"])
 def test_ddp_evaluation_reports_the_same_mean_over_exactly_the_configured_tasks(tmp_path, tasks, mini_batch):
     # 50 tasks in chunks of 8: ranks evaluate tasks 0-24 and 25-49, both drawing chunk 3 (24-31).
@@ -220,6 +240,7 @@ def test_ddp_evaluation_reports_the_same_mean_over_exactly_the_configured_tasks(
         assert one["test/acc_before"] + 0.05 < one["test/acc"] < 0.45
 
 
+@pytest.mark.slow  # the evaluation all-reduce is MetaModule's, tested above for a MetaLearner
 def test_learned_optimizer_ddp_evaluation_with_an_empty_rank_equals_one_process(tmp_path):
     """LearningToLearn sums whole loss curves per rule: the rank without functions must join
     with zeros of the curves' shape, which only the other rank knows."""
@@ -302,6 +323,7 @@ def test_two_process_fit_of_an_omniglot_config_through_train_py(tmp_path):
     assert Path(results["best_checkpoint"]).name == "best-2.ckpt"  # validation ran, over both ranks
 
 
+@pytest.mark.slow  # check_world_size's message: tests/test_configs.py, for every config
 def test_meta_batch_not_divisible_by_the_processes_stops_before_training(tmp_path):
     # sine's meta-batch of 25 tasks cannot be shared by 2 processes
     out = train_py("fit", "--config", SINE, "--config", DDP, "--trainer.accelerator", "cpu", "--trainer.devices", 2,
@@ -431,6 +453,7 @@ def test_atomic_save_keeps_the_previous_checkpoint_when_a_write_dies(tmp_path, m
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left
 
 
+@pytest.mark.slow  # a kill -9 and exact resume: tests/test_cli.py, default tier
 def test_kill_9_while_checkpointing_leaves_the_last_checkpoint_loadable(tmp_path):
     path = tmp_path / "last.ckpt"
     script = textwrap.dedent(f"""

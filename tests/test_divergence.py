@@ -3,7 +3,10 @@
 - A meta-step whose meta-loss (or written gradients) or new weights are not finite is undone
   exactly: weights and optimizer state are those before it; it is counted.
 - A finite meta-step is the optimizer's own step, bit for bit.
-- Neither reads a tensor on the host inside a training step (``lit_meta.sync_guard``).
+- Neither reads a tensor on the host inside ``training_step`` (``lit_meta.sync_guard``). The
+  guard's device counters are read after it, in ``on_train_batch_end``, on logging steps only
+  (``NonFiniteGuard.check``), and at the end of training: a step that does not log reads
+  nothing in any of its hooks (``SyncWindow``), skipped or not.
 - Through ``train.py``: a learning rate that diverges on sine stops the run after
   ``max_nonfinite`` skipped steps in a row, with one line naming the step and the likely
   cause; ``results.json`` says so, and the counter is logged and checkpointed.
@@ -119,7 +122,9 @@ def _fit(model, dm, tmp_path, steps, **kwargs):
 
 
 def test_skipping_reads_nothing_on_the_host_inside_a_training_step(tmp_path):
-    """Every step logs (progress bar on); steps 1 and 2 are skipped: still no host read."""
+    """Every step logs (``log_every_n_steps=1``); steps 1 and 2 are skipped: still no host read
+    inside ``training_step`` (the counters are read after it, in ``on_train_batch_end``: see
+    the next test)."""
     dm = PoisonedSine({1, 2}, meta_batch_size=4)
     model = MAML(task_spec=dm.task_spec, meta_batch_size=4)
     guard_training_steps(model)
@@ -127,6 +132,36 @@ def test_skipping_reads_nothing_on_the_host_inside_a_training_step(tmp_path):
         trainer = _fit(model, dm, tmp_path, 4)
     assert trainer.global_step == 4 and model.meta_step.guard.skipped == 2
     assert trainer.logged_metrics["train/nonfinite_skipped"] == 2
+
+
+def test_a_step_that_does_not_log_reads_nothing_in_any_hook_skipped_or_not(tmp_path):
+    """Six steps, every third a logging step (2 and 5); steps 1, 3 and 5 are not finite. Every
+    hook of a step (sampling, ``training_step`` with the meta-optimizer's step inside it,
+    ``on_train_batch_end``) runs under ``SyncWindow``'s strict guard: a step that does not log makes 0 host reads; a
+    logging step reads only the divergence counters (``NonFiniteGuard.check`` in
+    ``on_train_batch_end``)."""
+    from collections import Counter
+
+    from lit_meta.sync_guard import SyncWindow
+
+    dm = PoisonedSine({1, 3, 5}, meta_batch_size=4)
+    model = MAML(task_spec=dm.task_spec, meta_batch_size=4)
+    window = SyncWindow(6)
+    trainer = pl.Trainer(max_steps=6, limit_val_batches=0, logger=pl.loggers.CSVLogger(tmp_path),
+                         log_every_n_steps=3, enable_checkpointing=False, enable_progress_bar=False,
+                         inference_mode=False, enable_model_summary=False, callbacks=[window],
+                         default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="skipped"):
+        trainer.fit(model, datamodule=dm)
+    summary = window.summary()
+    assert trainer.global_step == 6 and model.meta_step.guard.skipped == 3
+    assert summary["logging_steps"] == [2, 5]
+    assert {"train_batch", "training_step", "on_train_batch_end"} <= set(summary["hook_calls"])
+    reads = Counter(r.step for r in window.records)
+    assert {step: reads[step] for step in range(6) if step not in (2, 5)} == {0: 0, 1: 0, 3: 0, 4: 0}, \
+        summary["syncs_not_allowed"]
+    assert summary["ok"] and reads[2] >= 1 and reads[5] >= 1
+    assert {(r.hook, r.where.split(":")[0]) for r in window.records} == {("on_train_batch_end", "lit_meta/nonfinite.py")}
 
 
 def test_learned_optimizer_steps_read_nothing_on_the_host(tmp_path):

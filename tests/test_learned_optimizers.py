@@ -16,7 +16,7 @@ from lit_meta import LearnedOptimizer
 from lit_meta.algorithms import LearningToLearn, MetaLSTM
 from lit_meta.algorithms.learning_to_learn import LSTMRule
 from lit_meta.data import MLPClassification, OptimizeeDataModule, Quadratic
-from lit_meta.models.lstm_optimizers import preprocess
+from lit_meta.models.lstm_optimizers import CoordinateLSTM, preprocess
 from lit_meta.tasks import TaskBatch, task_spec
 from tests.conftest import REPO
 from tests.episodes import adapt_one, run
@@ -199,20 +199,33 @@ def test_learned_optimizer_trains_a_model_and_state_dict_round_trips(trained_qua
     assert isinstance(opt, torch.optim.Optimizer)
     check_trains_a_model(first, last)
 
-    # Resume from state_dicts (through a file, as a user would) and continue identically.
+    # Resume from state_dicts (through a file, as a user would) and continue identically. The
+    # twin's optimizer starts from a differently initialised LSTM (same shape, another seed), so
+    # only the LSTM weights in the optimizer's state_dict can make its steps the original's.
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "resume.pt")
     saved = torch.load(tmp_path / "resume.pt", weights_only=True)
-    twin = torch.nn.Linear(5, 1)
+
+    def stranger() -> CoordinateLSTM:
+        torch.manual_seed(123)
+        return CoordinateLSTM(**saved["opt"]["net"]["config"])
+
+    assert any(not torch.equal(a, b) for a, b in zip(stranger().state_dict().values(), opt.net.state_dict().values()))
+    twin, probe = torch.nn.Linear(5, 1), torch.nn.Linear(5, 1)
     twin.load_state_dict(saved["model"])
-    twin_opt = LearnedOptimizer(twin.parameters(), checkpoint=path)
+    probe.load_state_dict(saved["model"])
+    twin_opt = LearnedOptimizer(twin.parameters(), net=stranger())
     twin_opt.load_state_dict(saved["opt"])
-    for net, o in ((model, opt), (twin, twin_opt)):
+    # the probe: the same LSTM state (h, c) and parameters, but its own LSTM weights (no "net" entry)
+    probe_opt = LearnedOptimizer(probe.parameters(), net=stranger())
+    probe_opt.load_state_dict({k: v for k, v in saved["opt"].items() if k != "net"})
+    for net, o in ((model, opt), (twin, twin_opt), (probe, probe_opt)):
         for _ in range(5):
             o.zero_grad()
             F.mse_loss(net(x), y).backward()
             o.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(model.parameters(), probe.parameters()))
     assert opt.state[model.weight]["h"].shape == (2, 5, 20)
 
 

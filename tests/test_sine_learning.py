@@ -80,6 +80,7 @@ def check_against_transfer(after: dict[str, float]) -> None:
         assert after[name] < after["transfer"], after
 
 
+@pytest.mark.slow  # four sine fits (24 s); that MAML learns is tested in the default tier above
 def test_meta_learners_beat_the_transfer_baseline_with_the_same_budget():
     """The qualitative result of the MAML and Reptile papers: pooled pretraining learns the
     mean function (≈ 0), which adapts poorly from K=10 points."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,16 +108,35 @@ def test_no_module_uses_another_modules_private_names():
     assert not offences, offences
 
 
-def test_every_hook_an_algorithm_overrides_is_documented_and_public():
+def algorithm_classes() -> list[type]:
+    """Every ``MetaLearner`` subclass of lit_meta (exported or not), ``MetaLearner`` itself left out."""
     import lit_meta.algorithms as algorithms
+    from lit_meta.algorithms import MetaLearner
+
+    found, todo = {getattr(algorithms, n) for n in algorithms.__all__}, list(MetaLearner.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        found.add(cls)
+        todo += cls.__subclasses__()
+    return sorted((c for c in found if isinstance(c, type) and issubclass(c, MetaLearner) and c is not MetaLearner
+                   and c.__module__.startswith("lit_meta.")), key=lambda c: c.__name__)
+
+
+def test_every_hook_an_algorithm_overrides_is_documented_and_public():
+    import pytorch_lightning as pl
+
     from lit_meta.algorithms import MetaLearner, MetaModule
 
     documented = MetaLearner.__doc__
     base_names = set(vars(MetaLearner)) | set(vars(MetaModule))
-    for cls in (getattr(algorithms, n) for n in algorithms.__all__):
-        if not issubclass(cls, MetaLearner) or cls is MetaLearner:
-            continue
-        overridden = {n for n in vars(cls) if n in base_names and not n.startswith("__")} - {"algorithm"}
+    lightning = {n for n in dir(pl.LightningModule) if not (n.startswith("__") and n.endswith("__"))}
+    classes = algorithm_classes()
+    assert {"MAML", "ANIL", "MAMLpp", "Reptile", "MetaLSTM", "ProtoNet"} <= {c.__name__ for c in classes}
+    for cls in classes:
+        own = {n for n in vars(cls) if not (n.startswith("__") and n.endswith("__"))}
+        # every LightningModule name, whether or not MetaLearner/MetaModule define it
+        assert not own & lightning, f"{cls.__name__} overrides Lightning hook(s) {sorted(own & lightning)}"
+        overridden = {n for n in own if n in base_names} - {"algorithm"}
         for hook in overridden:
             assert f"``{hook}" in documented, f"{cls.__name__}.{hook} is not among MetaLearner's documented hooks"
             assert not hook.startswith("_"), f"{cls.__name__} overrides private {hook}"
@@ -130,13 +150,75 @@ def test_every_module_imports_first_in_a_fresh_interpreter(name):
     assert result.returncode == 0, result.stderr.strip().splitlines()[-1:]
 
 
-def test_readme_tree_names_every_module():
-    """README's "How it works" tree matches the files: each module of lit_meta is in it."""
+TREE_GLYPHS = str.maketrans({c: " " for c in "│├└─┬┼"})
+PATH_TOKEN = re.compile(r"[\w.-]+(/[\w.-]+)*(\.py|/)")
+
+
+def tree_paths(tree: str) -> set[str]:
+    """The paths a README tree block names, each as a whole path from the tree's top.
+
+    A line's names are its leading path-like tokens (``x.py``, ``dir/x.py``, ``dir/``; its
+    description after them is not read). A folder token (``dir/``) opens a folder: the bare
+    names after it on its line, and every name on the following lines indented deeper than
+    it (nested entries, or continuation lines of the folder's names), are inside it."""
+    named: set[str] = set()
+    folders: list[tuple[int, str]] = []  # (indent, path) of the open folders, innermost last
+    for raw in tree.translate(TREE_GLYPHS).splitlines():
+        tokens = []
+        for token in raw.split():
+            if not PATH_TOKEN.fullmatch(token):
+                break
+            tokens.append(token)
+        if not tokens:
+            continue
+        indent = len(raw) - len(raw.lstrip())
+        while folders and indent <= folders[-1][0]:
+            folders.pop()
+        inside = folders[-1][1] if folders else ""
+        if tokens[0].endswith("/"):
+            folder = inside + tokens[0]
+            named.add(folder)
+            named.update(folder + t for t in tokens[1:])
+            folders.append((indent, folder))
+        else:
+            named.update(inside + t for t in tokens)
+    return named
+
+
+def readme_tree() -> str:
+    """The first code block after README's "## How it works"."""
     readme = (REPO / "README.md").read_text()
-    tree = readme.split("## How it works", 1)[1].split("```")[1]
-    missing = [str(p.relative_to(REPO)) for p in sorted(PACKAGE.rglob("*.py"))
-               if p.name != "__init__.py" and p.name not in tree]
-    assert not missing, f"README's How it works tree does not name {missing}"
+    return readme.split("## How it works", 1)[1].split("```")[1]
+
+
+def test_tree_paths_reads_whole_paths_nested_folders_and_continuation_lines():
+    tree = """
+lit_meta/
+  tasks.py                 TaskBatch (`train.py adapt` in a description is not a name)
+  algorithms/base.py       MetaLearner
+  models/                  the networks
+    conv4.py               conv4
+    resnet12.py  mlp.py
+  data/  sine.py folder.py
+         omniglot.py
+  bench/case.py
+train.py                   not in lit_meta/
+"""
+    assert tree_paths(tree) == {
+        "lit_meta/", "lit_meta/tasks.py", "lit_meta/algorithms/base.py", "lit_meta/models/",
+        "lit_meta/models/conv4.py", "lit_meta/models/resnet12.py", "lit_meta/models/mlp.py", "lit_meta/data/",
+        "lit_meta/data/sine.py", "lit_meta/data/folder.py", "lit_meta/data/omniglot.py", "lit_meta/bench/case.py",
+        "train.py"}  # data/base.py is not named, though algorithms/base.py is
+
+
+def test_readme_tree_names_every_module():
+    """README's "How it works" tree matches the files: each module of lit_meta is named there by
+    its whole path inside lit_meta/ (``data/base.py``; ``algorithms/base.py`` does not name it)."""
+    named = {p[len("lit_meta/"):] for p in tree_paths(readme_tree()) if p.startswith("lit_meta/")}
+    modules = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    assert "tasks.py" in named, "README's How it works tree has no lit_meta/ folder"
+    missing = sorted(modules - named)
+    assert not missing, f"README's How it works tree does not name lit_meta/{{{', '.join(missing)}}}"
 
 
 # ---------------------------------------------------------------------------- context is passed, not stashed
