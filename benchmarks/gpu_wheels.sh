@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare, on a machine with the package index, what benchmarks/gpu_check.py needs on a
-# GPU machine that has none. That machine (docs: README "On a GPU machine") has Python
+# GPU machine that has none. That machine (docs/gpu.md) has Python
 # 3.12 with torch, torchvision, pytorch-lightning, torchmetrics, numpy, scipy, pillow,
 # requests, tqdm, pyyaml, cloudpickle and pytest, and lacks:
 #   jsonargparse (LightningCLI, train.py) and its [signatures] extra: docstring-parser,

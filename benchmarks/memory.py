@@ -4,7 +4,8 @@ inner checkpointing (``model.init_args.inner_checkpointing``), second-order MAML
 not grow with the steps).
 
     python benchmarks/memory.py --dataset omniglot --inner-steps 1 5 10 20 [--inner-checkpointing] \\
-        [--device cpu|cuda] [--threads N] [--compare learn2learn] [--algorithm maml|imaml]
+        [--device cpu|cuda] [--threads N] [--compare learn2learn] [--algorithm maml|imaml] \\
+        [--backbone conv4|resnet12]
 
 prints one JSON line per point (``dataset``, ``inner_steps``, ``inner_checkpointing``,
 ``peak_mem_mb``, ``seconds_per_step``, and ``side``, ``algorithm``, the shapes, ``device``,
@@ -108,7 +109,8 @@ def build_case(args: argparse.Namespace, inner_steps: int, side: str, device: to
                 queries=args.queries or shape["queries"],
                 meta_batch_size=args.meta_batch_size or shape["meta_batch_size"], inner_steps=inner_steps,
                 task_chunk_size=args.task_chunk_size,
-                model_kwargs={"inner_checkpointing": True} if checkpointing else {},
+                model_kwargs={**({"inner_checkpointing": True} if checkpointing else {}),
+                              **({"backbone": "resnet12", "backbone_kwargs": {}} if args.backbone == "resnet12" else {})},
                 device=str(device), random_images=True, seed=args.seed)
     torch.manual_seed(args.seed)
     if args.algorithm == "imaml":
@@ -149,7 +151,7 @@ def point_row(args: argparse.Namespace, inner_steps: int, side: str) -> dict[str
     cuda = args.device.startswith("cuda")
     return {"dataset": args.dataset, "inner_steps": inner_steps,
             "inner_checkpointing": bool(args.inner_checkpointing and side == "ours"),
-            "peak_mem_mb": None, "seconds_per_step": None, "side": side, "algorithm": args.algorithm,
+            "backbone": args.backbone, "peak_mem_mb": None, "seconds_per_step": None, "side": side, "algorithm": args.algorithm,
             "ways": shape["ways"], "shots": shape["shots"], "queries": args.queries or shape["queries"],
             "meta_batch_size": args.meta_batch_size or shape["meta_batch_size"],
             "task_chunk_size": args.task_chunk_size, "device": args.device, "threads": torch.get_num_threads(),
@@ -172,7 +174,7 @@ def spawn(args: argparse.Namespace, inner_steps: int, side: str, steps: int,
           env: dict[str, str] | None = None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--dataset", args.dataset, "--inner-steps", str(inner_steps),
            "--device", args.device, "--steps", str(steps), "--seed", str(args.seed), "--point", side,
-           "--algorithm", args.algorithm]
+           "--algorithm", args.algorithm, "--backbone", args.backbone]
     for flag, value in (("--threads", args.threads), ("--queries", args.queries),
                         ("--meta-batch-size", args.meta_batch_size), ("--task-chunk-size", args.task_chunk_size)):
         if value is not None:
@@ -216,6 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--meta-batch-size", type=int, default=None, help="override the dataset's meta-batch")
     p.add_argument("--task-chunk-size", type=int, default=None, help="ours: tasks adapted and back-propagated together")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbone", choices=("conv4", "resnet12"), default="conv4",
+                   help="ours: the dataset's conv4, or ResNet-12 (MetaOptNet's 64-160-320-640, lit_meta.models.resnet12)")
     p.add_argument("--algorithm", choices=("maml", "imaml"), default="maml",
                    help="second-order MAML, or iMAML (its implicit gradient; ours only)")
     p.add_argument("--point", choices=("ours", "learn2learn"), help=argparse.SUPPRESS)  # a child process
@@ -224,6 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--inner-steps and --steps must be >= 1")
     if args.algorithm == "imaml" and (args.compare != "none" or args.inner_checkpointing):
         p.error("--algorithm imaml: ours only, and it keeps no graph to checkpoint")
+    if args.backbone != "conv4" and (args.compare != "none" or args.algorithm != "maml"):
+        p.error(f"--backbone {args.backbone}: MAML, ours only (learn2learn's side is its example's conv4)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     return args

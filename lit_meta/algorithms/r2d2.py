@@ -11,9 +11,12 @@ embedding through it. α and β are learned; λ is fixed by default as in the re
 ``learn_lambda`` (as a log, so it stays positive). The reference initialises α at 1e-4 on
 miniImageNet and CIFAR-FS and at 10 on Omniglot (``--base_learner.init_adj_scale``).
 
-MetaOptNet's SVM head (Lee et al. 2019) is not here: it needs a differentiable QP solver,
-and the one it uses (qpth) has had no release since 2021 and pins numpy < 2; an iterative
-dual solver written here would be a second solver to maintain for one baseline. The ridge
+MetaOptNet's SVM head (Lee et al. 2019) is not here: it needs a differentiable QP solver.
+The one it uses, qpth (0.0.18, 2024), pins numpy < 2 and requires cvxpy, so installing it
+would downgrade a user's numpy; cvxpylayers (1.2, 2026) solves each problem in numpy through
+an external conic solver (diffcp, SCS), outside torch: not on the GPU and not vmappable over
+a meta-batch's tasks, which every other head here is. An iterative dual solver written here
+would be a second solver to maintain for one baseline. The ridge
 head is MetaOptNet's own "RR" row and its closest closed-form relative.
 """
 from __future__ import annotations
