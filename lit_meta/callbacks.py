@@ -1,11 +1,17 @@
-"""Small Trainer callbacks: ``TorchThreads`` (configs name it under ``trainer.callbacks``) and
-``ProgressLog`` (``train.py`` adds it when there is no progress bar)."""
+"""Small Trainer callbacks: ``TorchThreads`` (configs name it under ``trainer.callbacks``),
+``ProgressLog`` (``train.py`` adds it when there is no progress bar) and ``SaveOnSigterm``
+(``train.py`` adds it to every Trainer)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from lit_meta.internals import mark_restart_mid_validation, mark_restart_on_train_batch_end
 
 
 class TorchThreads(pl.Callback):
@@ -116,3 +122,72 @@ class ProgressLog(pl.Callback):
         if trainer.max_epochs and trainer.max_epochs > 0 and per_epoch:
             return trainer.max_epochs * per_epoch
         return None
+
+
+class SaveOnSigterm(pl.Callback):
+    """A SIGTERM (what a cluster sends before its SIGKILL) stops fit with a ``last.ckpt`` to resume from.
+
+    Lightning's handler only notes the signal, so a checkpoint being written is finished first
+    (atomically, :mod:`lit_meta.checkpoint`); after the current training step, or after the
+    current validation batch, its loops raise ``SIGTERMException``. ``on_exception`` then makes
+    ``last.ckpt`` hold that moment and records on the exception what ``train.py`` prints
+    (``lit_meta.cli.main``: one line, exit code 143). Resuming from it with ``--ckpt_path``
+    ends as the uninterrupted run would (the same weights, optimizer state, validations and
+    logged steps):
+
+    - stopped after a step that validated: the ``last.ckpt`` that ModelCheckpoint wrote at the
+      end of that validation is that moment already, and is kept as it is;
+    - stopped after a step without validation: ``last.ckpt`` is written there (at the end of an
+      epoch, with the loop state of a save from that last step's ``on_train_batch_end``, which
+      Lightning resumes into the next epoch; saved as it is, the resumed epoch would count its
+      batches from the old one's end and validate one step late);
+    - stopped during a validation: ``last.ckpt`` is written with the loop state of a save from
+      inside ``validation_step`` (a batch started, none processed), so the resumed fit runs
+      that validation again from its first batch (its metrics, the best checkpoint and the
+      ``last.ckpt`` of that step come from all its tasks), then trains on; saved as it is
+      (every started batch completed), Lightning would skip the rest of that validation.
+    """
+
+    def __init__(self) -> None:
+        self._saving: str | None = None  # while this callback writes: where fit was stopped
+        self._validated_step: int | None = None  # the global step of fit's latest finished validation
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._validated_step = trainer.global_step
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        fn, step = trainer.state.fn, trainer.global_step
+        mid_validation = trainer.validating or trainer.sanity_checking
+        callback = trainer.checkpoint_callback
+        dirpath = getattr(callback, "dirpath", None)
+        last = Path(dirpath) / "last.ckpt" if dirpath else None
+        saved = None
+        if fn == "fit" and last is not None and step > 0 and not trainer.sanity_checking:
+            written = getattr(callback, "last_model_path", "") or ""
+            if not mid_validation and self._validated_step == step and written and Path(written) == last:
+                saved = last  # ModelCheckpoint's, from the end of this step's validation
+            else:
+                epoch = trainer.fit_loop.epoch_progress.current
+                epoch_end = epoch.completed == epoch.started
+                self._saving = "validation" if mid_validation else "epoch end" if epoch_end else "step"
+                try:
+                    trainer.save_checkpoint(last)
+                finally:
+                    self._saving = None
+                saved = last
+        elif last is not None and last.is_file():
+            saved = last  # fit had finished (a SIGTERM in the test after it): resuming it tests again
+        during = "validation" if mid_validation else str(getattr(fn, "value", fn))
+        exception.lit_meta_step = step  # type: ignore[attr-defined]
+        exception.lit_meta_during = during  # type: ignore[attr-defined]
+        exception.lit_meta_checkpoint = saved  # type: ignore[attr-defined]
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self._saving == "validation":
+            mark_restart_mid_validation(checkpoint)
+        elif self._saving == "epoch end":
+            mark_restart_on_train_batch_end(checkpoint)

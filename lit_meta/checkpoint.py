@@ -12,9 +12,10 @@ at the start of the next fit (:func:`remove_orphans`), once its process is gone.
 :class:`AtomicCheckpointIO` is the Trainer's checkpoint writer (``lit_meta.cli`` installs
 it, :func:`use_atomic_checkpoints`).
 
-Reading: :func:`check_checkpoint` fails with one line naming a missing or damaged file,
-and :func:`read_checkpoint` with one line saying what a file that is no Lightning
-checkpoint holds instead (a plain ``state_dict``, another dict, a tensor);
+Reading: :func:`check_checkpoint` fails with one line naming a missing or damaged file
+(saying when it is truncated, and naming the newest intact checkpoint beside it), and
+:func:`read_checkpoint` with one line saying what a file that is no Lightning checkpoint
+holds instead (a plain ``state_dict``, another dict, a tensor);
 :func:`read_hparams` / :func:`check_task_spec` read what a checkpoint was trained with
 (the LightningCLI hparams, among them the data's ``task_spec``); :func:`load_checkpoint`
 rebuilds the saved model (its own class, from ``_class_path``). Classes that moved since
@@ -160,20 +161,53 @@ def use_atomic_checkpoints(trainer: pl.Trainer) -> CheckpointIO:
 
 # ---------------------------------------------------------------------------- reading
 def check_checkpoint(path: str | os.PathLike | None) -> None:
-    """Fail with one line naming ``path`` if it is not a readable checkpoint."""
+    """Fail with one line naming ``path`` if it is not a readable checkpoint; a damaged one (e.g.
+    truncated by an interrupted copy) also names the newest intact checkpoint beside it."""
     if path is None or path in SPECIAL_PATHS:
         return
     if not Path(path).is_file():
         raise ValueError(f"checkpoint file not found: {path}")
+    problem = checkpoint_damage(path)
+    if problem is not None:
+        raise ValueError(f"checkpoint file is {problem}: {path}{intact_neighbour_hint(path)}")
+
+
+def checkpoint_damage(path: str | os.PathLike) -> str | None:
+    """What is wrong with the file ``path`` as a (zip) torch checkpoint, or None when its archive is intact."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"checkpoint file is corrupt or not a torch checkpoint: {path}")
+        if head == b"PK\x03\x04":  # a zip archive's first entry, and no end: cut short
+            return (f"corrupt (truncated: {Path(path).stat().st_size} bytes, the end of its zip archive is "
+                    "missing, as after an interrupted copy or write)")
+        return "corrupt or not a torch checkpoint"
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as error:
-        raise ValueError(f"checkpoint file is corrupt ({error}): {path}") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        return f"corrupt ({error})"
     if bad is not None:
-        raise ValueError(f"checkpoint file is corrupt (damaged entry {bad}): {path}")
+        return f"corrupt (damaged entry {bad})"
+    return None
+
+
+def intact_neighbour_hint(path: str | os.PathLike) -> str:
+    """``"; the newest intact checkpoint beside it: <path>"`` (another ``*.ckpt`` of the same folder,
+    newest first, whose archive is whole), or ``""`` when there is none."""
+    path = Path(path)
+    try:
+        others = [p for p in path.parent.glob("*.ckpt") if p.is_file() and not p.name.startswith(".")
+                  and not (p.resolve() == path.resolve())]
+        others.sort(key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+    except OSError:
+        return ""
+    for other in others:
+        try:
+            if checkpoint_damage(other) is None:
+                return f"; the newest intact checkpoint beside it: {Path(os.path.abspath(other))}"
+        except OSError:
+            continue
+    return ""
 
 
 def current_class_path(class_path: str) -> str:

@@ -17,12 +17,21 @@
 - Checkpoints are written by :class:`lit_meta.checkpoint.AtomicCheckpointIO`, whatever
   ``--trainer.plugins`` add, unless they bring a checkpoint writer of their own.
 - ``--ckpt_path`` must hold a lit_meta checkpoint of the configured algorithm and task
-  shapes; anything else is one line saying what the file holds and what was expected.
+  shapes; anything else is one line saying what the file holds and what was expected (a
+  damaged one, e.g. truncated, also names the newest intact checkpoint beside it).
+- A SIGTERM (a cluster's notice before its SIGKILL) stops fit after the current step or
+  validation batch with a ``last.ckpt`` that resumes exactly
+  (:class:`lit_meta.callbacks.SaveOnSigterm`), then one ``error:`` line naming it and exit
+  code 143 (128 + SIGTERM).
+- Each run claims its ``version_N`` folder with ``os.mkdir`` before it starts
+  (:func:`claim_log_versions`): two runs started at once in one ``default_root_dir`` never
+  share a folder (nor overwrite each other's checkpoints and results.json).
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,9 +40,10 @@ from typing import Any
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lit_meta.algorithms.meta_module import MetaModule
-from lit_meta.callbacks import ProgressLog
+from lit_meta.callbacks import ProgressLog, SaveOnSigterm
 from lit_meta.checkpoint import (
     SPECIAL_PATHS,
     atomic_write,
@@ -46,7 +56,7 @@ from lit_meta.checkpoint import (
     use_atomic_checkpoints,
 )
 from lit_meta.data.base import EpisodicDataModule
-from lit_meta.internals import CheckpointHparamsHook
+from lit_meta.internals import CheckpointHparamsHook, logger_version_unset, set_logger_version
 from lit_meta.loggers import slurm_run_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,6 +134,7 @@ class MetaCLI(CheckpointHparamsHook, LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if trainer.progress_bar_callback is None:
             trainer.callbacks.append(ProgressLog())
+        trainer.callbacks.append(SaveOnSigterm())  # a SIGTERM stops fit with a last.ckpt to resume from
         # here, not as a default plugin: a user's --trainer.plugins list would replace that
         # (a kill -9 mid-save must not destroy the last complete checkpoint)
         use_atomic_checkpoints(trainer)
@@ -133,13 +144,16 @@ class MetaCLI(CheckpointHparamsHook, LightningCLI):
     def before_fit(self) -> None:
         self._check_task_spec()
         check_world_size(self.trainer, self.datamodule)
+        claim_log_versions(self.trainer)
         self._fit_start = time.perf_counter()
 
     def before_validate(self) -> None:
         self._check_task_spec()
+        claim_log_versions(self.trainer)
 
     def before_test(self) -> None:
         self._check_task_spec()
+        claim_log_versions(self.trainer)
 
     def _check_task_spec(self) -> None:
         path = self._subcommand_arg("ckpt_path")
@@ -215,6 +229,41 @@ def resolve_log_dirs(trainer: Any) -> None:
             init["save_dir"] = str(Path(root) / "logs") if root is not None else "logs"
 
 
+def claim_log_versions(trainer: Any) -> None:
+    """Give each CSV / TensorBoard logger without a version its ``version_N`` folder now, created
+    with ``os.mkdir`` (which fails if the folder exists). Lightning's loggers take the next
+    number by listing the folders and create theirs later, so two runs started at once in one
+    ``default_root_dir`` could both take ``version_N`` and write their checkpoints, config and
+    results.json over each other's; the one that finds its number taken takes the next. Only
+    the launching process (rank 0) claims: DDP re-runs the command line for the other ranks,
+    which write no logs (and take their checkpoint folder from rank 0)."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, (CSVLogger, TensorBoardLogger)) and logger_version_unset(logger) \
+                and "://" not in str(logger.root_dir):  # a local folder (not an fsspec URL)
+            set_logger_version(logger, claim_version(Path(logger.root_dir)))
+
+
+def claim_version(root: Path) -> int:
+    """The number of a ``version_N`` folder newly created in ``root`` (Lightning's next number,
+    or the first after it that no other process created first)."""
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(entry.name.removeprefix("version_")) for entry in root.iterdir()
+             if entry.is_dir() and entry.name.startswith("version_") and entry.name.removeprefix("version_").isdigit()]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            (root / f"version_{version}").mkdir()
+        except FileExistsError:
+            version += 1
+            continue
+        return version
+
+
 def check_world_size(trainer: Any, datamodule: Any) -> None:
     """One line before any process starts, instead of an error inside every rank at the first
     step: each of the W processes adapts meta_batch_size / W tasks of the global meta-batch."""
@@ -287,12 +336,32 @@ def main(args: list[str] | None = None) -> None:
         # args=None lets LightningCLI read sys.argv itself (it warns when given both).
         cli = MetaCLI(args=None if args is None and sys.argv[1:] else argv)
         stop_if_diverged(cli.model)
+    except SIGTERMException as error:  # Lightning's, at the step boundary after the signal
+        from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+        if getattr(rank_zero_only, "rank", 0) == 0:  # under DDP every rank stops here: one line
+            print(f"error: {interrupted(error)}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except (ValueError, OSError) as error:
         if os.environ.get("LIT_META_TRACEBACK") or (isinstance(error, OSError) and error.filename is None):
             raise  # an OSError that names no file is no bad input or full disk: show where it came from
         message = one_line(error)
         print(f"error: {message} (set LIT_META_TRACEBACK=1 for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def interrupted(error: BaseException) -> str:
+    """The line ``main`` prints when a SIGTERM stopped the run (:class:`lit_meta.callbacks.SaveOnSigterm`
+    left the checkpoint it names)."""
+    step, during = getattr(error, "lit_meta_step", None), getattr(error, "lit_meta_during", None)
+    where = f" at step {step}" if step is not None else ""
+    if during and during != "fit":
+        where += f", during {during}"
+    checkpoint = getattr(error, "lit_meta_checkpoint", None)
+    if checkpoint is None:
+        return f"interrupted by SIGTERM{where}, before any checkpoint was written: start the run again"
+    again = f" (it validates step {step} again)" if during == "validation" else ""
+    return f"interrupted by SIGTERM{where}: resume with --ckpt_path {Path(checkpoint).resolve()}{again}"
 
 
 def one_line(error: BaseException) -> str:

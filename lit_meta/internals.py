@@ -70,6 +70,42 @@ class CheckpointHparamsHook:
         raise NotImplementedError
 
 
+def logger_version_unset(logger: Any) -> bool:
+    """Whether a CSV/TensorBoard logger has yet to choose its ``version_N`` (its public
+    ``version`` would choose one, by listing the folders)."""
+    return getattr(logger, "_version", None) is None
+
+
+def set_logger_version(logger: Any, version: int) -> None:
+    """Give a CSV/TensorBoard logger the version a run claimed (Lightning takes ``version`` only
+    in the constructor)."""
+    logger._version = version
+
+
+def mark_restart_mid_validation(checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint's fit-loop state that of a save from inside a validation that started a
+    batch and processed none (Lightning's "restarted mid-evaluation"): a fit resumed from it runs
+    that validation again from its first batch."""
+    loops = checkpoint["loops"]["fit_loop"]
+    for key, counts in loops["epoch_loop.val_loop.batch_progress"].items():
+        if key != "is_last_batch" and counts["started"] > 0:
+            counts["processed"] = counts["completed"] = counts["started"] - 1
+
+
+def mark_restart_on_train_batch_end(checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint written after an epoch's last batch hold the state of a save from that
+    batch's ``on_train_batch_end`` (the batch processed, not completed; the epoch not processed;
+    the logged-step count of before the batch's end), which Lightning resumes into the next epoch."""
+    loops = checkpoint["loops"]["fit_loop"]
+    for counts in loops["epoch_progress"].values():
+        counts["processed"] -= 1
+        counts["completed"] -= 1
+    for key, counts in loops["epoch_loop.batch_progress"].items():
+        if key != "is_last_batch":
+            counts["completed"] -= 1
+    loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+
+
 # ----------------------------------------------------------------------------- W&B (Lightning's WandbLogger)
 def wandb_is_offline(logger: Any) -> bool:
     return bool(getattr(logger, "_offline", False))

@@ -28,7 +28,7 @@ try:  # private Lightning API: without it, plain ddp_spawn
 except ImportError:  # pragma: no cover
     _MultiProcessingLauncher = None
 
-from lit_meta.algorithms import BOIL, IMAML, MAML, R2D2, ProtoNet, Reptile
+from lit_meta.algorithms import BOIL, IMAML, MAML, R2D2, MetaBaseline, ProtoNet, Reptile
 from lit_meta.checkpoint import AtomicCheckpointIO, atomic_torch_save
 from lit_meta.data.base import EpisodicDataModule
 from lit_meta.data.sine import SineDataModule
@@ -52,8 +52,9 @@ ALGORITHMS = {
     "boil": (BOIL, {"first_order": False}),
     "protonet": (ProtoNet, {}),
     "r2d2": (R2D2, {"learn_lambda": True}),
+    "metabaseline": (MetaBaseline, {}),
 }
-CLASSIFIERS = ("protonet", "r2d2")  # trained on Blobs: classification
+CLASSIFIERS = ("protonet", "r2d2", "metabaseline")  # trained on Blobs: classification
 WRITES_GRADIENTS = ("reptile", "imaml")  # no manual_backward: no DDP all-reduce
 
 

@@ -59,6 +59,35 @@ def test_each_private_read_still_finds_what_it_reads(tmp_path):
     from pytorch_lightning.cli import LightningCLI
 
     assert hasattr(LightningCLI, "_parse_ckpt_path")  # what CheckpointHparamsHook replaces
+    from pytorch_lightning.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path / "logs")
+    assert internals.logger_version_unset(logger)
+    internals.set_logger_version(logger, 7)
+    assert not internals.logger_version_unset(logger) and logger.version == 7
+    assert logger.log_dir.endswith("version_7")
+
+
+def test_the_loop_state_marks_find_the_keys_of_a_real_checkpoint(tmp_path):
+    """SaveOnSigterm's two marks edit Lightning's fit-loop state in a checkpoint: the keys they
+    change are in one this Lightning writes, with the counts they expect."""
+    dm = SineDataModule(meta_batch_size=2, val_tasks=2, test_tasks=2, steps_per_epoch=2)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, inference_mode=False, default_root_dir=tmp_path)
+    trainer.fit(MAML(task_spec=dm.task_spec), dm)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    checkpoint = torch.load(tmp_path / "c.ckpt", weights_only=False)
+    loops = checkpoint["loops"]["fit_loop"]
+    before = loops["epoch_loop.state_dict"]["_batches_that_stepped"]
+    epochs = dict(loops["epoch_progress"]["current"])
+    internals.mark_restart_on_train_batch_end(checkpoint)
+    assert loops["epoch_loop.state_dict"]["_batches_that_stepped"] == before - 1
+    assert loops["epoch_progress"]["current"]["completed"] == epochs["completed"] - 1
+    val = loops["epoch_loop.val_loop.batch_progress"]["current"]
+    assert {"started", "processed", "completed"} <= set(val)
+    val.update(started=3, processed=3, completed=3)  # as inside a validation's third batch
+    internals.mark_restart_mid_validation(checkpoint)
+    assert (val["started"], val["processed"], val["completed"]) == (3, 2, 2)
 
 
 def test_evaluation_under_inference_mode_is_a_one_line_error(tmp_path):

@@ -25,6 +25,9 @@ def test_with_a_key_but_no_network_the_run_falls_back_to_offline_with_one_notice
     monkeypatch.setenv("WANDB_SILENT", "true")
     for name in ("WANDB_MODE", "WANDB_DISABLED", "WANDB_DIR", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID"):
         monkeypatch.delenv(name, raising=False)
+    # a fresh wandb process state: an earlier offline run in this process (tests/test_cli.py,
+    # tests/test_curves.py) leaves wandb's singleton settings, under which the next run starts offline
+    wandb.teardown()
     logger = WandbLogger(save_dir=str(tmp_path), project="lit-meta-test")
     assert not wandb_is_offline(logger)  # a key is set: it tries online first
     start = time.monotonic()

@@ -124,6 +124,8 @@ def test_combinations_that_make_no_sense_are_one_line_errors(cls):
         cls(task_spec=IMAGES, inner_steps=3)
     with pytest.raises(ValueError, match="inner_lr does not apply"):
         cls(task_spec=IMAGES).set_inner_lr(0.1)
+    with pytest.raises(ValueError, match="classifies: its head is computed from the support set's classes"):
+        cls(task_spec=task_spec("sine", "regression", [1], ways=1))
 
 
 def test_metabaseline_starts_from_the_classifier_stages_encoder(tmp_path):

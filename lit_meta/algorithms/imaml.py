@@ -43,7 +43,8 @@ def implicit_gradient(support_loss: Callable[[Params], Tensor], query_grad: Para
                       steps: int, damping: float = 0.0, lam_damping: float = 0.0) -> tuple[Params, Tensor]:
     """(v, ‖A v − g‖) for A = (1 + damping) I + H/(λ + lam_damping), H the Hessian of
     ``support_loss`` at ``phi`` and g = ``query_grad``, after ``steps`` steps of conjugate gradient
-    from v = 0 (a fixed count: no branch on a tensor value, so it runs inside ``vmap``)."""
+    from v = 0 (a fixed count: no branch on a tensor value, so it runs inside ``vmap``), or fewer
+    where a direction of non-positive curvature stops it (then v is the last iterate before it)."""
     gradient = grad(support_loss)
 
     def apply(v: Params) -> Params:

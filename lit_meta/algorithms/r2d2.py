@@ -13,9 +13,9 @@ miniImageNet and CIFAR-FS and at 10 on Omniglot (``--base_learner.init_adj_scale
 
 MetaOptNet's SVM head (Lee et al. 2019) is not here: it needs a differentiable QP solver.
 The one it uses, qpth (0.0.18, 2024), pins numpy < 2 and requires cvxpy, so installing it
-would downgrade a user's numpy; cvxpylayers (1.2, 2026) solves each problem in numpy through
-an external conic solver (diffcp, SCS), outside torch: not on the GPU and not vmappable over
-a meta-batch's tasks, which every other head here is. An iterative dual solver written here
+would downgrade a user's numpy; cvxpylayers (1.2, 2026) solves through external conic
+solvers (by default diffcp and SCS, in numpy on the CPU; other backends need further
+packages), a stack outside torch that was not tried here. An iterative dual solver written here
 would be a second solver to maintain for one baseline. The ridge
 head is MetaOptNet's own "RR" row and its closest closed-form relative.
 """
