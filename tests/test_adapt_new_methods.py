@@ -9,6 +9,7 @@ import torch
 from lit_meta.adapt import adapt
 from lit_meta.algorithms import BOIL, IMAML, R2D2, MetaBaseline, ProtoNet
 from lit_meta.data.images import images_from_files
+from lit_meta.episode import adapt_task
 from lit_meta.models.heads import ridge_logits
 from tests.test_adapt import SMALL, evaluation_task, make_omni, save_checkpoint
 
@@ -71,6 +72,12 @@ def test_an_inner_loop_method_adapts_with_its_own_steps(omni, tmp_path, cls):
         ctx = loaded.context(False)
         assert set(loaded.adapt_names()) == {n for n, _ in loaded.net.named_parameters() if not n.startswith("head.")}
         assert ctx.bn == "transductive"
+        theta = {n: p.detach() for n, p in loaded.inner_params().items()}
+        with torch.enable_grad():
+            after = adapt_task(loaded, theta, sx, sy, loaded.eval_inner_steps, True, ctx).params
+        assert all(torch.equal(after[n], theta[n]) for n in theta if n.startswith("head."))
+        convolutions = [n for n in theta if theta[n].dim() == 4]  # every conv weight of the body moved
+        assert convolutions and all(not torch.equal(after[n], theta[n]) for n in convolutions)
 
 
 def test_boil_refuses_more_classes_than_its_fixed_head_has(omni):
