@@ -143,3 +143,23 @@ def test_imaml_options_are_checked():
     with pytest.raises(ValueError, match="lam must be > 0"):
         IMAML(task_spec=spec, lam=0.0)
     assert math.isclose(IMAML(task_spec=spec).lam, 2.0)
+
+
+def test_the_cg_probe_finds_indefinite_systems_and_solves_definite_ones():
+    """benchmarks/imaml_cg.py (docs/RESULTS.md's diagnostic of the Omniglot run): with λ = 100,
+    A ≈ I is definite and 5 steps solve it; with λ = 0.01 the sine network's support Hessian makes
+    A indefinite and CG meets non-positive curvature on every task."""
+    import importlib.util
+
+    from lit_meta.data.sine import SineDataModule
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("imaml_cg", REPO / "benchmarks" / "imaml_cg.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    torch.manual_seed(0)
+    dm = SineDataModule(meta_batch_size=8)
+    rows = {lam: probe.probe(IMAML(task_spec=dm.task_spec, inner_steps=5, inner_lr=0.01, cg_steps=5, lam=lam,
+                                   meta_batch_size=8), dm.train_batch(0)) for lam in (0.01, 100.0)}
+    assert rows[100.0]["stopped"] == 0 and rows[100.0]["residual_max"] < 1e-4
+    assert rows[0.01]["stopped"] >= 6 and rows[0.01]["residual_median"] > 0.1

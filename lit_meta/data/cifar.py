@@ -34,20 +34,9 @@ import numpy as np
 import torch
 
 from lit_meta.data.archives import iter_members, list_members
-from lit_meta.data.images import (
-    CACHE_VERSION,
-    RESIZE,
-    ClassPool,
-    ImageEpisodicDataModule,
-    cache_file,
-    check_resize,
-    file_stamp,
-    fingerprint,
-    load_cache,
-    preprocess,
-)
+from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
+from lit_meta.data.images import RESIZE, ClassPool, ImageEpisodicDataModule, check_resize, preprocess
 from lit_meta.data.splits import SPLITS, read_class_list, read_fc100, split_files
-from lit_meta.checkpoint import atomic_torch_save
 
 FOLDER = "cifar-100-python"
 ARCHIVE = "cifar-100-python.tar.gz"
@@ -157,12 +146,7 @@ def load_cifar100(root: Path, cache_dir: str | None, image_size: int, resize: st
     files = [path / f for f in FILES] if layout == "folder" else [path]
     key = fingerprint("cifar100", image_size, resize, layout, [file_stamp(f) for f in files])
     cache = cache_file(root, cache_dir, f"cifar100_{image_size}px")
-    data = load_cache(cache, key)
-    if data is None:
-        data = {"version": CACHE_VERSION, "key": key, "source": str(path),
-                **read_cifar100(layout, path, image_size, resize)}
-        atomic_torch_save(data, cache)
-    return data
+    return cached(cache, key, lambda: {"source": str(path), **read_cifar100(layout, path, image_size, resize)})
 
 
 def _check_present(data: dict[str, Any], ids: list[int], split: str, benchmark: str) -> None:

@@ -28,21 +28,16 @@ from typing import Any
 
 import torch
 
-from lit_meta.checkpoint import atomic_torch_save
 from lit_meta.data.archives import iter_members, list_members
 from lit_meta.data.base import check_positive
+from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
 from lit_meta.data.image_cache import Progress, check_on_bad_image, compact, decode_into
 from lit_meta.data.images import (
-    CACHE_VERSION,
     IMAGE_EXTENSIONS,
     RESIZE,
     ClassPool,
     ImageEpisodicDataModule,
-    cache_file,
     check_resize,
-    file_stamp,
-    fingerprint,
-    load_cache,
 )
 from lit_meta.data.splits import SPLITS, read_class_list, split_digest, split_files
 
@@ -122,29 +117,28 @@ def load_cub(root: Path, cache_dir: str | None, split_dir: str | None, options: 
         stamps = [file_stamp(path)]
     key = fingerprint("cub", options, layout, stamps, split_digest(split_files("cub", split_dir)))
     cache = cache_file(root, cache_dir, f"cub_{options['image_size']}px")
-    data = load_cache(cache, key)
-    if data is not None and (on_bad_image == "skip" or not data["skipped"]):
-        return data
-    # Slots in split order; an archive is read in its own order, each image going to its slot.
-    items = [(c, f) for c in needed for f in listing[c]]
-    classes = [needed.index(c) for c, _ in items]
-    size = options["image_size"]
-    out = torch.empty(len(items), 3, size, size, dtype=torch.uint8)
-    progress = Progress(len(items), f"building the CUB cache {cache.name}")
-    try:
-        if layout == "folder":
-            entries = ((i, str(f), f) for i, (_, f) in enumerate(items))
-        else:
-            slot = {member: i for i, (_, member) in enumerate(items)}
-            entries = ((slot[m], f"{path}:{m}", blob) for m, blob in iter_members(path, set(slot)))
-        skipped = decode_into(out, entries, options, on_bad_image, progress)
-    finally:
-        progress.close()
-    images, counts = compact(out, classes, len(needed), skipped)
-    data = {"version": CACHE_VERSION, "key": key, "images": images, "counts": counts, "names": needed,
-            "splits": {s: len(splits[s]) for s in SPLITS}, "skipped": [str(items[i][1]) for i in skipped]}
-    atomic_torch_save(data, cache)
-    return data
+
+    def build() -> dict[str, Any]:
+        # Slots in split order; an archive is read in its own order, each image going to its slot.
+        items = [(c, f) for c in needed for f in listing[c]]
+        classes = [needed.index(c) for c, _ in items]
+        size = options["image_size"]
+        out = torch.empty(len(items), 3, size, size, dtype=torch.uint8)
+        progress = Progress(len(items), f"building the CUB cache {cache.name}")
+        try:
+            if layout == "folder":
+                entries = ((i, str(f), f) for i, (_, f) in enumerate(items))
+            else:
+                slot = {member: i for i, (_, member) in enumerate(items)}
+                entries = ((slot[m], f"{path}:{m}", blob) for m, blob in iter_members(path, set(slot)))
+            skipped = decode_into(out, entries, options, on_bad_image, progress)
+        finally:
+            progress.close()
+        images, counts = compact(out, classes, len(needed), skipped)
+        return {"images": images, "counts": counts, "names": needed,
+                "splits": {s: len(splits[s]) for s in SPLITS}, "skipped": [str(items[i][1]) for i in skipped]}
+
+    return cached(cache, key, build, usable=lambda data: on_bad_image == "skip" or not data["skipped"])
 
 
 def cub_pools(data: dict[str, Any]) -> dict[str, ClassPool]:

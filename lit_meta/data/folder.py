@@ -20,19 +20,9 @@ from typing import Any
 
 import torch
 
-from lit_meta.checkpoint import atomic_torch_save
 from lit_meta.data.base import SPLITS
-from lit_meta.data.images import (
-    CACHE_VERSION,
-    IMAGE_EXTENSIONS,
-    ClassPool,
-    ImageEpisodicDataModule,
-    cache_file,
-    decode_image,
-    fingerprint,
-    load_cache,
-    preprocess_list,
-)
+from lit_meta.data.cache import cache_file, cached, fingerprint
+from lit_meta.data.images import IMAGE_EXTENSIONS, ClassPool, ImageEpisodicDataModule, decode_image, preprocess_list
 
 SPLIT_MODES = ("auto", "fraction", "folders")
 
@@ -102,9 +92,9 @@ class ImageFolderDataModule(ImageEpisodicDataModule):
                   for s in SPLITS for c, files in splits[s].items() for f in files]
         key = fingerprint("folder", self.image_size, self.channels, self.invert, stamps)
         path = cache_file(self.root, self.cache_dir, f".lit_meta_folder_{self.image_size}px_{self.channels}c")
-        data = load_cache(path, key)
-        if data is None:
-            data = {"version": CACHE_VERSION, "key": key}
+
+        def build() -> dict[str, Any]:
+            data = {}
             for split in SPLITS:
                 classes = splits[split]
                 arrays = [decode_image(f, self.channels) for files in classes.values() for f in files]
@@ -113,7 +103,9 @@ class ImageFolderDataModule(ImageEpisodicDataModule):
                                                           dtype=torch.uint8),
                                "counts": torch.tensor([len(f) for f in classes.values()], dtype=torch.long),
                                "names": list(classes)}
-            atomic_torch_save(data, path)
+            return data
+
+        data = cached(path, key, build)
         return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
 
     def spec_extra(self) -> dict[str, Any]:

@@ -44,9 +44,9 @@ from typing import Any
 
 import torch
 
-from lit_meta.checkpoint import atomic_torch_save
 from lit_meta.data.base import check_positive
 from lit_meta.data.archives import list_members, slices
+from lit_meta.data.cache import CACHE_VERSION, cache_file, cached, file_stamp, fingerprint
 from lit_meta.data.image_cache import (
     Source,
     build_array_resumably,
@@ -55,18 +55,7 @@ from lit_meta.data.image_cache import (
     open_array,
     stamp_digest,
 )
-from lit_meta.data.images import (
-    CACHE_VERSION,
-    RESIZE,
-    ClassPool,
-    ImageEpisodicDataModule,
-    cache_file,
-    check_resize,
-    file_stamp,
-    fingerprint,
-    load_cache,
-    sample_episodes,
-)
+from lit_meta.data.images import RESIZE, ClassPool, ImageEpisodicDataModule, check_resize, sample_episodes
 from lit_meta.data.splits import SPLITS, read_ravi, read_tiered, split_digest, split_files
 from lit_meta.tasks import TaskBatch
 
@@ -164,28 +153,28 @@ def mini_from_imagenet(imagenet: str, root: Path, cache_dir: str | None, split_d
                       stamp_digest(s for w in wnids for s in listing[w].stamps).hexdigest())
     root.mkdir(parents=True, exist_ok=True)
     cache = cache_file(root, cache_dir, f"miniimagenet_imagenet_{options['image_size']}px")
-    data = load_cache(cache, key)
-    if data is not None and (on_bad_image == "skip" or not data["skipped"]):
+
+    def build() -> dict[str, Any]:
+        data: dict[str, Any] = {"skipped": []}
+        for split in SPLITS:
+            names = sorted(rows[split])
+            items: list[tuple[str, Source]] = []
+            classes = []
+            for k, wnid in enumerate(names):
+                available = listing[wnid]
+                for position in rows[split][wnid]:
+                    if position > len(available.sources):
+                        raise ValueError(f"{files[split]}: {wnid} position {position} is past the "
+                                         f"{len(available.sources)} images of {source.locate(wnid)}")
+                    items.append((available.names[position - 1], available.sources[position - 1]))
+                    classes.append(k)
+            images, counts, skipped = decode_all(items, classes, len(names), options, on_bad_image,
+                                                 f"building the miniImageNet {split} cache {cache.name}")
+            data[split] = {"images": images, "counts": counts, "names": names}
+            data["skipped"] += skipped
         return data
-    data = {"version": CACHE_VERSION, "key": key, "skipped": []}
-    for split in SPLITS:
-        names = sorted(rows[split])
-        items: list[tuple[str, Source]] = []
-        classes = []
-        for k, wnid in enumerate(names):
-            available = listing[wnid]
-            for position in rows[split][wnid]:
-                if position > len(available.sources):
-                    raise ValueError(f"{files[split]}: {wnid} position {position} is past the "
-                                     f"{len(available.sources)} images of {source.locate(wnid)}")
-                items.append((available.names[position - 1], available.sources[position - 1]))
-                classes.append(k)
-        images, counts, skipped = decode_all(items, classes, len(names), options, on_bad_image,
-                                             f"building the miniImageNet {split} cache {cache.name}")
-        data[split] = {"images": images, "counts": counts, "names": names}
-        data["skipped"] += skipped
-    atomic_torch_save(data, cache)
-    return data
+
+    return cached(cache, key, build, usable=lambda data: on_bad_image == "skip" or not data["skipped"])
 
 
 # ---------------------------------------------------------------------------- tieredImageNet
@@ -220,25 +209,26 @@ def load_tiered(imagenet: str, root: Path, cache_dir: str | None, split_dir: str
     index_path.parent.mkdir(parents=True, exist_ok=True)  # a --data.cache_dir not made yet
     array_path = index_path.with_suffix(".u8")
     shape = (options["channels"], options["image_size"], options["image_size"])
-    data = load_cache(index_path, key)
-    if data is not None and (on_bad_image == "skip" or not data["skipped"]):
-        images = open_array(array_path, int(data["counts"].sum()), shape)
-        if images is not None:
-            return {**data, "images": images}
-    index_path.unlink(missing_ok=True)  # never an index beside an array it does not describe
-    entries = [(n, s) for f in listing for n, s in zip(f.names, f.sources)]
-    skipped = build_array_resumably(array_path, resume_key, entries, stamps, options, on_bad_image,
-                                    f"building the tieredImageNet cache {array_path.name}", workers)
-    owner = torch.repeat_interleave(torch.arange(len(wnids)), torch.tensor([len(f.sources) for f in listing]))
-    counts = torch.bincount(owner, minlength=len(wnids))
-    if skipped:
-        counts -= torch.bincount(owner[torch.tensor(skipped)], minlength=len(wnids))
-    data = {"version": CACHE_VERSION, "key": key, "options": options, "names": wnids,
-            "categories": [c for _, c in ordered],
-            "counts": counts, "splits": {s: len(rows[s]) for s in SPLITS},
-            "skipped": [entries[i][0] for i in skipped]}
-    atomic_torch_save(data, index_path)
-    images = open_array(array_path, int(counts.sum()), shape)
+
+    def usable(data: dict[str, Any]) -> bool:  # an index counts only with the array it describes
+        return ((on_bad_image == "skip" or not data["skipped"])
+                and open_array(array_path, int(data["counts"].sum()), shape) is not None)
+
+    def build() -> dict[str, Any]:
+        index_path.unlink(missing_ok=True)  # never an index beside an array it does not describe
+        entries = [(n, s) for f in listing for n, s in zip(f.names, f.sources)]
+        skipped = build_array_resumably(array_path, resume_key, entries, stamps, options, on_bad_image,
+                                        f"building the tieredImageNet cache {array_path.name}", workers)
+        owner = torch.repeat_interleave(torch.arange(len(wnids)), torch.tensor([len(f.sources) for f in listing]))
+        counts = torch.bincount(owner, minlength=len(wnids))
+        if skipped:
+            counts -= torch.bincount(owner[torch.tensor(skipped)], minlength=len(wnids))
+        return {"options": options, "names": wnids, "categories": [c for _, c in ordered],
+                "counts": counts, "splits": {s: len(rows[s]) for s in SPLITS},
+                "skipped": [entries[i][0] for i in skipped]}
+
+    data = cached(index_path, key, build, usable)
+    images = open_array(array_path, int(data["counts"].sum()), shape)
     assert images is not None, f"{array_path} was just built"
     return {**data, "images": images}
 

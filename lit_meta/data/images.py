@@ -1,4 +1,5 @@
-"""What the image DataModules share: the input pipeline, the tensor cache and the episode sampler.
+"""What the image DataModules share: the input pipeline and the episode sampler (the cache is
+:mod:`lit_meta.data.cache`'s).
 
 Input pipeline (recorded in ``task_spec``, so a checkpoint can turn raw files into the
 tensors it was trained on; :func:`images_from_files` is that path)::
@@ -21,10 +22,8 @@ step's generator, then a single gather.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -44,7 +43,6 @@ RESIZE = "bilinear-antialias"
 # name -> (torch interpolate mode, antialias); "area" is torch's box average (close to cv2 INTER_AREA)
 RESIZE_MODES = {"bilinear-antialias": ("bilinear", True), "bilinear": ("bilinear", False),
                 "bicubic-antialias": ("bicubic", True), "bicubic": ("bicubic", False), "area": ("area", False)}
-CACHE_VERSION = 1
 _CHUNK = 2048  # images per resize batch: bounds the float32 copy while preprocessing
 
 
@@ -289,42 +287,6 @@ def rotate_quarters(x: Tensor, turns: Tensor) -> Tensor:
     tasks = torch.arange(x.shape[0], device=x.device)[:, None]
     ways = torch.arange(x.shape[1], device=x.device)[None, :]
     return every[tasks, ways, turns]
-
-
-# ---------------------------------------------------------------------------- caching
-def fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
-
-
-def file_stamp(path: Path) -> tuple[str, int, int]:
-    stat = path.stat()
-    return (path.name, stat.st_size, stat.st_mtime_ns)
-
-
-def cache_file(root: Path, cache_dir: str | os.PathLike | None, stem: str) -> Path:
-    """Where the tensor cache of ``root`` lives: ``cache_dir`` if given, else ``root`` when it is
-    writable, else ``$LIT_META_CACHE`` or ``~/.cache/lit_meta`` (named after ``root``'s path)."""
-    if cache_dir is not None:
-        return Path(cache_dir) / f"{stem}.pt"
-    # A folder without write bits counts as read-only even for root, who could write anyway.
-    if os.access(root, os.W_OK) and root.stat().st_mode & 0o222:
-        return root / f"{stem}.pt"
-    base = Path(os.environ.get("LIT_META_CACHE", Path.home() / ".cache" / "lit_meta"))
-    return base / f"{stem}-{fingerprint(str(root.resolve()))}.pt"
-
-
-def load_cache(path: Path, key: str) -> dict[str, Any] | None:
-    """The cached dict at ``path`` if it was built from the same sources and options (``key``), else None."""
-    if not path.is_file():
-        return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # a damaged cache is rebuilt, not fatal
-        warnings.warn(f"ignoring unreadable cache {path}: {error}", stacklevel=2)
-        return None
-    if not isinstance(data, dict) or data.get("key") != key or data.get("version") != CACHE_VERSION:
-        return None
-    return data
 
 
 # ---------------------------------------------------------------------------- the DataModule base

@@ -30,22 +30,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from lit_meta.checkpoint import atomic_torch_save
 from lit_meta.data.base import SPLITS
 from lit_meta.data.imagenet import mini_from_imagenet
 from lit_meta.data.splits import read_filename_label
+from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
 from lit_meta.data.image_cache import check_on_bad_image
 from lit_meta.data.images import (
-    CACHE_VERSION,
     RESIZE,
     ClassPool,
     ImageEpisodicDataModule,
-    cache_file,
     check_resize,
     decode_image,
-    file_stamp,
-    fingerprint,
-    load_cache,
     preprocess,
     preprocess_list,
 )
@@ -152,16 +147,18 @@ class MiniImageNetDataModule(ImageEpisodicDataModule):
         resize = () if self.interpolation == RESIZE else (self.interpolation,)
         key = fingerprint("miniimagenet", self.image_size, layout, [file_stamp(p) for p in files], *resize)
         path = cache_file(self.root, self.cache_dir, f"miniimagenet_{self.image_size}px")
-        data = load_cache(path, key)
-        if data is None:
-            data = {"version": CACHE_VERSION, "key": key}
+
+        def build() -> dict[str, Any]:
+            data = {}
             for split, file in zip(SPLITS, files):
                 if layout == "pickle":
                     images, counts, names = read_pickle(file, self.image_size, self.interpolation)
                 else:
                     images, counts, names = read_csv(file, self.root / "images", self.image_size, self.interpolation)
                 data[split] = {"images": images, "counts": counts, "names": names}
-            atomic_torch_save(data, path)
+            return data
+
+        data = cached(path, key, build)
         return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
 
     def spec_extra(self) -> dict[str, Any]:

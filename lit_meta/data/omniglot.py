@@ -42,19 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lit_meta.checkpoint import atomic_torch_save
-from lit_meta.data.images import (
-    CACHE_VERSION,
-    ClassPool,
-    ImageEpisodicDataModule,
-    cache_file,
-    decode_image,
-    file_stamp,
-    fingerprint,
-    load_cache,
-    preprocess,
-    preprocess_list,
-)
+from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
+from lit_meta.data.images import ClassPool, ImageEpisodicDataModule, decode_image, preprocess, preprocess_list
 
 HALVES = ("images_background", "images_evaluation")
 # The official release (github.com/brendenlake/omniglot, python/images_*.zip): characters per
@@ -299,22 +288,19 @@ class OmniglotDataModule(ImageEpisodicDataModule):
                           [(h, layout, p.name, folder_stamps(folders[h])) if h in folders else (h, layout, *file_stamp(p))
                            for h, (layout, p) in sorted(sources.items())])
         path = cache_file(self.root, self.cache_dir, f"omniglot_{self.image_size}px")
-        cached = load_cache(path, key)
-        if cached is not None:
-            return cached
-        readers = {"zip": read_zip, "npz": read_npz}
-        parts = [read_folder(sources[h][1], self.image_size, folders[h]) if h in folders
-                 else readers[sources[h][0]](sources[h][1], self.image_size) for h in HALVES]
-        data = {
-            "version": CACHE_VERSION,
-            "key": key,
-            "images": torch.cat([p[0] for p in parts]),
-            "counts": torch.cat([p[1] for p in parts]).long(),
-            "names": [n for p in parts for n in p[2]],
-            "background": len(parts[0][1]),
-        }
-        atomic_torch_save(data, path)
-        return data
+
+        def build() -> dict[str, Any]:
+            readers = {"zip": read_zip, "npz": read_npz}
+            parts = [read_folder(sources[h][1], self.image_size, folders[h]) if h in folders
+                     else readers[sources[h][0]](sources[h][1], self.image_size) for h in HALVES]
+            return {
+                "images": torch.cat([p[0] for p in parts]),
+                "counts": torch.cat([p[1] for p in parts]).long(),
+                "names": [n for p in parts for n in p[2]],
+                "background": len(parts[0][1]),
+            }
+
+        return cached(path, key, build)
 
     def split_classes(self, total: int, background: int) -> dict[str, torch.Tensor]:
         """Character indices of train / val / test (see the module docstring)."""
