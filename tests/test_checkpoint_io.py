@@ -187,18 +187,26 @@ def test_a_checkpoint_of_another_task_shape_is_one_line(run_cli, capsys, tmp_pat
     assert f"checkpoint {ckpt} was trained with ways=5 but the data gives 3: set data.ways to match" in last
 
 
-def test_train_py_itself_prints_one_line_and_the_traceback_only_when_asked(tmp_path):
-    """The real command line, as a user runs it: exit code 2 and one ``error:`` line; with
-    LIT_META_TRACEBACK=1 the traceback instead."""
+def _train_py_with_a_plain_state_dict(tmp_path, traceback: bool) -> tuple[subprocess.CompletedProcess, object]:
     path = tmp_path / "weights.pt"
     torch.save(MAML(task_spec=SineDataModule().task_spec).state_dict(), path)
     command = [sys.executable, str(REPO / "train.py"), "test", "--config", str(REPO / "configs" / "sine" / "maml.yaml"),
                "--ckpt_path", str(path)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("LIT_META_TRACEBACK", None)
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    if traceback:
+        env["LIT_META_TRACEBACK"] = "1"
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300), path
+
+
+def test_train_py_itself_prints_one_line(tmp_path):
+    """The real command line, as a user runs it: exit code 2 and one ``error:`` line."""
+    done, path = _train_py_with_a_plain_state_dict(tmp_path, traceback=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {path} holds a plain state_dict")
-    done = subprocess.run(command, cwd=tmp_path, env={**env, "LIT_META_TRACEBACK": "1"}, capture_output=True,
-                          text=True, timeout=300)
+
+
+@pytest.mark.slow  # a second train.py process (5 s); main()'s LIT_META_TRACEBACK branch is one line
+def test_train_py_itself_prints_the_traceback_only_when_asked(tmp_path):
+    done, path = _train_py_with_a_plain_state_dict(tmp_path, traceback=True)
     assert done.returncode != 0 and "Traceback" in done.stderr and "holds a plain state_dict" in done.stderr

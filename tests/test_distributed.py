@@ -293,6 +293,7 @@ def _run_results(out: subprocess.CompletedProcess) -> dict:
     return json.loads(Path(last.removeprefix("results: ")).read_text())
 
 
+@pytest.mark.slow  # train.py under ddp.yaml on two processes (11 s): DDP's step and evaluation equality above
 def test_issue_sine_ddp_command_runs_on_two_cpu_processes(tmp_path):
     """The command of issue 16 (2 ranks, 100 validation tasks in one chunk of 100, 600 test tasks),
     shortened to 20 meta-steps: it used to die at the start of fit with an empty loader on rank 1."""
