@@ -14,12 +14,30 @@ import pytest
 import lit_meta.checkpoint as checkpoint_module
 
 
-class FailsAfter:
+class WrappedFile:
+    """An open file whose ``write`` a subclass replaces; everything else, and the ``with``
+    block, is the file's own."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+    def __enter__(self) -> "WrappedFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.handle.__exit__(*exc)
+
+
+class FailsAfter(WrappedFile):
     """A file whose writes raise ``error`` once more than ``room`` bytes were asked for (the
     bytes that fit are written first, as on a disk that fills up)."""
 
     def __init__(self, handle: Any, room: int, error: BaseException) -> None:
-        self.handle, self.room, self.error, self.written = handle, room, error, 0
+        super().__init__(handle)
+        self.room, self.error, self.written = room, error, 0
 
     def write(self, data: Any) -> int:
         data = bytes(data)
@@ -29,15 +47,6 @@ class FailsAfter:
             raise self.error
         self.written += len(data)
         return self.handle.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.handle, name)
-
-    def __enter__(self) -> "FailsAfter":
-        return self
-
-    def __exit__(self, *exc: Any) -> Any:
-        return self.handle.__exit__(*exc)
 
 
 def disk_full() -> OSError:

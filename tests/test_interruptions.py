@@ -35,6 +35,7 @@ import torch
 import lit_meta.checkpoint as checkpoint_module
 from lit_meta.data.sine import SineDataModule
 from tests.conftest import REPO, sine_config, train_py_env
+from tests.faults import WrappedFile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,11 +119,12 @@ class SigtermAt(pl.Callback):
             time.sleep(0.01)
 
 
-class _SignalsAfterFirstWrite:
+class _SignalsAfterFirstWrite(WrappedFile):
     """The temporary file of a checkpoint write: after its first bytes, the SIGTERM."""
 
     def __init__(self, handle: Any, probe: SigtermAt) -> None:
-        self.handle, self.probe = handle, probe
+        super().__init__(handle)
+        self.probe = probe
 
     def write(self, data: Any) -> int:
         written = self.handle.write(data)
@@ -130,15 +132,6 @@ class _SignalsAfterFirstWrite:
             self.handle.flush()  # those bytes in the file on disk, as a slow write would have them
             self.probe.fire()
         return written
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.handle, name)
-
-    def __enter__(self) -> "_SignalsAfterFirstWrite":
-        return self
-
-    def __exit__(self, *exc: Any) -> Any:
-        return self.handle.__exit__(*exc)
 
 
 def probe_flag(when: str, step: int, record_dir: Path, wait_dir: Path | None = None) -> str:

@@ -31,7 +31,7 @@ import torch
 from lit_meta.data.archives import iter_members, list_members
 from lit_meta.data.base import check_positive
 from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
-from lit_meta.data.image_cache import Progress, check_on_bad_image, compact, decode_into
+from lit_meta.data.image_cache import Progress, check_on_bad_image, compact, decode_into, serves_run
 from lit_meta.data.images import (
     IMAGE_EXTENSIONS,
     RESIZE,
@@ -138,7 +138,7 @@ def load_cub(root: Path, cache_dir: str | None, split_dir: str | None, options: 
         return {"images": images, "counts": counts, "names": needed,
                 "splits": {s: len(splits[s]) for s in SPLITS}, "skipped": [str(items[i][1]) for i in skipped]}
 
-    return cached(cache, key, build, usable=lambda data: on_bad_image == "skip" or not data["skipped"])
+    return cached(cache, key, build, usable=lambda data: serves_run(data, on_bad_image))
 
 
 def cub_pools(data: dict[str, Any]) -> dict[str, ClassPool]:

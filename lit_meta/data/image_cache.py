@@ -46,6 +46,12 @@ def check_on_bad_image(value: str) -> None:
         raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {value!r}")
 
 
+def serves_run(data: dict[str, Any], on_bad_image: str) -> bool:
+    """Whether a cache that records its ``skipped`` images serves a run with ``on_bad_image``: one
+    that skipped any serves only ``skip`` runs, so an ``error`` run rebuilds and meets the bad file."""
+    return on_bad_image == "skip" or not data["skipped"]
+
+
 class Progress:
     """tqdm on a terminal; elsewhere a line every ``every_s`` seconds and one at the end."""
 

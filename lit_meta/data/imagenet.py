@@ -53,6 +53,7 @@ from lit_meta.data.image_cache import (
     check_on_bad_image,
     decode_all,
     open_array,
+    serves_run,
     stamp_digest,
 )
 from lit_meta.data.images import RESIZE, ClassPool, ImageEpisodicDataModule, check_resize, sample_episodes
@@ -174,7 +175,7 @@ def mini_from_imagenet(imagenet: str, root: Path, cache_dir: str | None, split_d
             data["skipped"] += skipped
         return data
 
-    return cached(cache, key, build, usable=lambda data: on_bad_image == "skip" or not data["skipped"])
+    return cached(cache, key, build, usable=lambda data: serves_run(data, on_bad_image))
 
 
 # ---------------------------------------------------------------------------- tieredImageNet
@@ -211,7 +212,7 @@ def load_tiered(imagenet: str, root: Path, cache_dir: str | None, split_dir: str
     shape = (options["channels"], options["image_size"], options["image_size"])
 
     def usable(data: dict[str, Any]) -> bool:  # an index counts only with the array it describes
-        return ((on_bad_image == "skip" or not data["skipped"])
+        return (serves_run(data, on_bad_image)
                 and open_array(array_path, int(data["counts"].sum()), shape) is not None)
 
     def build() -> dict[str, Any]:
