@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -55,6 +55,8 @@ from lit_meta.checkpoint import (
     signature_defaults,
     use_atomic_checkpoints,
 )
+from lit_meta.config_compose import KEY as COMPOSE_KEY
+from lit_meta.config_compose import expand_config_args
 from lit_meta.data.base import EpisodicDataModule
 from lit_meta.internals import CheckpointHparamsHook, logger_version_unset, set_logger_version
 from lit_meta.loggers import slurm_run_id
@@ -64,6 +66,7 @@ DEFAULT_CONFIG = ROOT / "configs" / "sine" / "maml.yaml"
 # The logger's save_dir unless a config or flag sets one: ``<trainer.default_root_dir>/logs``
 # (``logs`` in the working directory without a root dir), filled in by resolve_log_dirs.
 ROOT_LOGS = "<default_root_dir>/logs"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class MetaCLI(CheckpointHparamsHook, LightningCLI):
@@ -86,6 +89,22 @@ class MetaCLI(CheckpointHparamsHook, LightningCLI):
         parser.link_arguments("model.init_args.meta_batch_size", "data.init_args.meta_batch_size")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="meta-test the best checkpoint when fit ends and write results.json")
+        parser.add_argument(f"--{COMPOSE_KEY}", type=Optional[list[str]], default=None,
+                            help="in a config file: the config files it builds on, applied before it "
+                                 "(expanded by lit_meta.config_compose before parsing)")
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        # A config's `compose:` parts become --config arguments before it (lit_meta.config_compose);
+        # only after the subcommand, whose parser is the one that knows --compose.
+        if args is not None and not isinstance(args, list):  # a dict or Namespace: no files
+            return super().parse_arguments(parser, args)
+        argv = sys.argv[1:] if args is None else args
+        start = next((i + 1 for i, a in enumerate(argv) if a in SUBCOMMANDS), 0)
+        argv = argv[:start] + expand_config_args(argv[start:])
+        if args is None:  # what LightningCLI does with sys.argv, now expanded
+            self.config = parser.parse_args(argv)
+        else:
+            super().parse_arguments(parser, argv)
 
     def parse_ckpt_hparams(self) -> None:
         """As LightningCLI does: the checkpoint's hparams (the model's class and arguments) override

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from lit_meta.cli import main
 from lit_meta.data.imagenet import ImageNetTrain
 from lit_meta.data.splits import read_class_list, read_ravi, read_tiered, split_files
+from tests.config_files import composed
 from tests.conftest import REPO
 from tests.source_fixtures import cifar_image, cifar_names, write_all_sources, write_cub
 
@@ -95,8 +95,8 @@ def test_maml_config_trains_on_the_miniature_and_its_checkpoint_adapts(dataset, 
 def test_configs_reuse_the_miniimagenet_setting_and_say_so(dataset):
     for shots, meta_batch in ((1, 4), (5, 2)):
         text = (REPO / "configs" / dataset / f"maml_5w{shots}s.yaml").read_text()
-        mini = yaml.safe_load((REPO / "configs" / "miniimagenet" / f"maml_5w{shots}s.yaml").read_text())
-        config = yaml.safe_load(text)
+        mini = composed(REPO / "configs" / "miniimagenet" / f"maml_5w{shots}s.yaml")
+        config = composed(REPO / "configs" / dataset / f"maml_5w{shots}s.yaml")
         header = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
         assert "the miniImageNet setting of Finn et al. 2017 (appendix A.1) is reused" in header
         assert config["model"] == mini["model"] and config["model"]["init_args"]["meta_batch_size"] == meta_batch
@@ -107,7 +107,7 @@ def test_configs_reuse_the_miniimagenet_setting_and_say_so(dataset):
 def test_cub_configs_hold_closerlooks_maml_hyperparameters():
     for shots, steps in ((1, 60000), (5, 40000)):
         text = (REPO / "configs" / "cub" / f"maml_5w{shots}s.yaml").read_text()
-        config = yaml.safe_load(text)
+        config = composed(REPO / "configs" / "cub" / f"maml_5w{shots}s.yaml")
         model, data = config["model"]["init_args"], config["data"]["init_args"]
         assert "CloserLookFewShot" in text
         assert model["backbone_kwargs"] == {"filters": 64, "max_pool": True}

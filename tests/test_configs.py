@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.config_files import composed
 from tests.conftest import REPO
 from tests.image_data_fixtures import mini_arrays, omniglot_arrays, write_mini_pickles, write_omniglot_npz
 from tests.source_fixtures import tiered_synsets, write_cifar100, write_cub, write_imagenet
@@ -25,10 +26,11 @@ def _param(config: str):
 
 
 PART_DIRS = ("logger", "trainer", "backbones")  # parts composed after a whole config (tests below)
+PARTS = ("data.yaml", "protocol.yaml")  # data.yaml: composed after a whole config; protocol.yaml: under one
 CONFIGS = [
     _param(p.relative_to(REPO / "configs").as_posix())
     for p in sorted((REPO / "configs").rglob("*.yaml"))
-    if p.parent.name not in PART_DIRS and p.name != "data.yaml"  # data.yaml: a part, composed below
+    if p.parent.name not in PART_DIRS and p.name not in PARTS
 ]
 DATA_PARTS = sorted(p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").glob("*/data.yaml"))
 
@@ -63,9 +65,7 @@ def data_args(dataset: str, roots: dict[str, Path]) -> list[str]:
 def narrow_resnet12(config: str, channels: tuple[int, ...] = (8, 8, 8, 8)) -> list[str]:
     """ResNet-12 at 84x84 takes about a minute a step on 2 cores: the default tier runs its configs
     with the config's own backbone options but ``channels`` narrowed (one full-width step: slow tier)."""
-    import yaml
-
-    init = yaml.safe_load((REPO / "configs" / config).read_text()).get("model", {}).get("init_args", {})
+    init = composed(REPO / "configs" / config).get("model", {}).get("init_args", {})
     if init.get("backbone") != "resnet12":
         return []
     return ["--model.init_args.backbone_kwargs", json.dumps({**init.get("backbone_kwargs", {}), "channels": list(channels)})]
@@ -123,7 +123,8 @@ def test_data_part_composes_with_an_algorithm_config(part, roots, tmp_path, monk
                   run=False)
     model, dm = cli.model, cli.datamodule
     assert dm.name == dataset and model.task_spec["dataset"] == dataset and model.algorithm == "reptile"
-    assert (dm.ways, dm.eval_shots, dm.eval_batch_size, dm.val_tasks) == (5, 1, 10, 100)  # from reptile_5w1s.yaml
+    # from reptile_5w1s.yaml and the miniImageNet protocol.yaml it builds on
+    assert (dm.ways, dm.eval_shots, dm.eval_batch_size, dm.val_tasks) == (5, 1, 10, 600)
     model.meta_batch_size = dm.meta_batch_size = 2
     dm.setup("fit")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -154,7 +155,7 @@ def test_backbone_part_puts_resnet12_under_an_algorithm_config_and_keeps_the_res
 
 
 ALL_CONFIGS = [p.relative_to(REPO / "configs").as_posix() for p in sorted((REPO / "configs").rglob("*.yaml"))
-               if p.parent.name not in PART_DIRS and p.name != "data.yaml"]
+               if p.parent.name not in PART_DIRS and p.name not in PARTS]
 GENERATED = ("sine", "learning_to_learn")  # data drawn in memory: cheap enough to draw every task
 
 

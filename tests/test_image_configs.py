@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from tests.config_files import composed
 from tests.conftest import REPO
 from tests.image_data_fixtures import mini_arrays, omniglot_arrays, write_mini_pickles, write_omniglot_npz
 from tests.episodes import run
@@ -26,7 +26,7 @@ CONFIGS = [(pattern.format(algo), values) for pattern, values in PAPER.items() f
 
 @pytest.mark.parametrize("name,values", CONFIGS, ids=[c for c, _ in CONFIGS])
 def test_paper_config_hyperparameters(name, values):
-    config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    config = composed(REPO / "configs" / f"{name}.yaml")
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     assert (model["inner_lr"], model["inner_steps"], model["eval_inner_steps"], model["meta_batch_size"]) == values
     assert model["first_order"] == name.split("/")[1].startswith("fomaml")

@@ -18,6 +18,7 @@ from lit_meta.algorithms.learning_to_learn import LSTMRule
 from lit_meta.data import MLPClassification, OptimizeeDataModule, Quadratic
 from lit_meta.models.lstm_optimizers import CoordinateLSTM, preprocess
 from lit_meta.tasks import TaskBatch, task_spec
+from tests.config_files import composed
 from tests.conftest import REPO
 from tests.episodes import adapt_one, run
 
@@ -328,9 +329,7 @@ def test_learning_to_learn_configs_instantiate(name, tmp_path, monkeypatch):
 def test_meta_lstm_configs_follow_the_paper(name):
     """The paper's meta-learner and clipping everywhere; its learner on miniImageNet.
     (tests/test_configs.py takes two training steps with every config.)"""
-    import yaml
-
-    config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    config = composed(REPO / "configs" / f"{name}.yaml")
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     assert config["model"]["class_path"] == "lit_meta.algorithms.MetaLSTM"
     assert (model["hidden_size"], model["grad_clip"], model["first_order"], model["meta_lr"]) == (20, 0.25, True, 0.001)
