@@ -334,6 +334,8 @@ def test_boil_adapts_the_body_and_leaves_the_head_as_meta_learned():
         torch.testing.assert_close(x, y)
     with pytest.raises(ValueError, match="BOIL adapts the body only"):
         small(BOIL, spec=IMAGES, adapt="head")
+    with pytest.raises(ValueError, match=r"ANIL adapts the head only \(adapt: head\), got adapt: all; MAML with adapt: all"):
+        small(ANIL, spec=IMAGES, adapt="all")
     with pytest.raises(ValueError, match="adapt: body needs a backbone with a `head`"):
         small(MAML, spec=IMAGES, adapt="body", backbone_kwargs={"filters": 4, "with_head": False})
 

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from tests.conftest import sine_config
+from tests.wandb_files import offline_records
 
 
 def _results(capsys) -> dict:
@@ -155,16 +156,7 @@ def test_wandb_offline_run_holds_logged_metrics(run_cli, capsys, monkeypatch, tm
                                 **{"trainer.logger.init_args.save_dir": tmp_path / "wb"}))
     assert "logging to W&B offline" in capsys.readouterr().err
     keys = (b"train/mse", b"val/mse_after", b"test/mse_after", b"meta/weight_spread")
-    # wandb's writer is a separate process: on a loaded machine its last records can land
-    # a moment after wandb.finish() returns, so wait for them (up to 30 s) before judging.
-    deadline = time.monotonic() + 30
-    while True:
-        runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
-        # The run file is a log of protobuf records, whose string fields are stored verbatim.
-        records = runs[0].read_bytes() if len(runs) == 1 else b""
-        if all(k in records for k in keys) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    runs, records = offline_records(tmp_path / "wb", keys)
     assert len(runs) == 1, runs
     for key in keys:
         assert key in records, key

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, sine_config
 from tests.image_data_fixtures import omniglot_arrays, write_omniglot_npz
+from tests.wandb_files import offline_records
 
 QUICK = str(REPO / "configs" / "omniglot" / "quick_5w1s.yaml")
 SMALL = ["--model.init_args.meta_batch_size", "4", "--data.steps_per_epoch", "3", "--data.val_tasks", "4",
@@ -89,13 +89,7 @@ def test_wandb_gets_the_curves_as_plots(run_cli, capsys, monkeypatch, tmp_path):
     run_cli("fit", *sine_config(config=REPO / "configs" / "logger" / "wandb.yaml",
                                 **{"trainer.logger.init_args.save_dir": tmp_path / "wb"}))
     keys = (b"test/mse_by_step_plot", b"val/curve", b"val/mse_after_vs_time")
-    deadline = time.monotonic() + 30  # wandb's writer is another process (see test_cli's W&B test)
-    while True:
-        runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
-        records = runs[0].read_bytes() if len(runs) == 1 else b""
-        if all(k in records for k in keys) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    runs, records = offline_records(tmp_path / "wb", keys)
     for key in keys:
         assert key in records, (key, list((tmp_path / "wb").rglob("*"))[:20])
 

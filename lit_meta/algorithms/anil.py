@@ -15,8 +15,7 @@ from lit_meta.algorithms.base import MetaLearner
 class ANIL(MetaLearner):
     algorithm = "anil"
 
-    def __init__(self, adapt: str = "head", **kwargs: Any) -> None:
-        if adapt != "head":
-            raise ValueError(f"ANIL adapts the head only (adapt: head), got adapt: {adapt}; MAML with adapt: "
-                             f"{adapt} is that algorithm")
+    fixed_adapt = "head"
+
+    def __init__(self, adapt: str = "head", **kwargs: Any) -> None:  # the default LightningCLI shows
         super().__init__(adapt=adapt, **kwargs)

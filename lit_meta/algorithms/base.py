@@ -103,6 +103,9 @@ class MetaLearner(MetaModule):
     No algorithm overrides a Lightning hook or a private method.
     """
 
+    # an algorithm that is a fixed adapt scope (ANIL: head, BOIL: body) names it; any other is refused
+    fixed_adapt: str | None = None
+
     def __init__(
         self,
         task_spec: dict[str, Any],
@@ -142,6 +145,10 @@ class MetaLearner(MetaModule):
                 raise ValueError(f"{option} must be one of {LOSS_REDUCTIONS}, got {value!r}")
         if adapt not in ADAPT_SCOPES:
             raise ValueError(f"adapt must be one of {ADAPT_SCOPES}, got {adapt!r}")
+        if self.fixed_adapt is not None and adapt != self.fixed_adapt:  # ANIL, BOIL: the scope is the algorithm
+            name = type(self).__name__
+            raise ValueError(f"{name} adapts the {self.fixed_adapt} only (adapt: {self.fixed_adapt}), got adapt: "
+                             f"{adapt}; MAML with adapt: {adapt} is that algorithm")
         if transductive not in TRANSDUCTIVE:
             raise ValueError(f"transductive must be true, false or 'support', got {transductive!r}")
         for option, value in (("inner_batch_size", inner_batch_size), ("eval_inner_batch_size", eval_inner_batch_size)):

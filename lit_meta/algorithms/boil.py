@@ -20,10 +20,9 @@ from lit_meta.algorithms.base import MetaLearner
 class BOIL(MetaLearner):
     algorithm = "boil"
 
-    def __init__(self, adapt: str = "body", **kwargs: Any) -> None:
-        if adapt != "body":
-            raise ValueError(f"BOIL adapts the body only (adapt: body), got adapt: {adapt}; MAML with adapt: "
-                             f"{adapt} is that algorithm")
+    fixed_adapt = "body"
+
+    def __init__(self, adapt: str = "body", **kwargs: Any) -> None:  # the default LightningCLI shows
         super().__init__(adapt=adapt, **kwargs)
 
     def resize_head(self, ways: int) -> int:
