@@ -11,7 +11,7 @@ import pytest
 from jsonargparse import ArgumentParser
 
 from lit_meta.data import EpisodicDataModule, cifar, cub, imagenet
-from lit_meta.data.images import RESIZE
+from lit_meta.data.preprocessing import RESIZE
 from lit_meta.data.miniimagenet import MEAN, STD
 from tests.conftest import REPO
 

@@ -29,7 +29,8 @@ from lit_meta.data import (
 )
 from lit_meta.data import image_cache
 from lit_meta.data.imagenet import ImageNetTrain, numeric_order, tiered_split
-from lit_meta.data.images import decode_image, images_from_files, preprocess
+from lit_meta.data.decoding import decode_image
+from lit_meta.data.preprocessing import images_from_files, preprocess
 from lit_meta.data.splits import SHIPPED, read_class_list, read_fc100, read_ravi, read_tiered, split_files
 from tests.test_data_images import one_line_error
 from tests.source_fixtures import (

@@ -32,7 +32,7 @@ the source, so ``--data.init_args.<shared option>`` and its type and default sta
 command line and in configs.
 
 Where sampling runs: in-process by default, on the training device (in-memory pools live
-there; see ``lit_meta.data.images.sample_episodes``). With ``loader_workers`` N > 0 (data
+there; see ``lit_meta.data.class_pools.sample_episodes``). With ``loader_workers`` N > 0 (data
 that stays on the host, e.g. memory-mapped), N forked DataLoader workers draw the training
 meta-batches, worker ``w`` steps ``start + w, start + w + N, ...`` (the loader returns them
 in step order), into pinned memory; ``TaskBatch.to`` then copies them non-blocking. The

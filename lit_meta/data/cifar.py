@@ -35,7 +35,9 @@ import torch
 
 from lit_meta.data.archives import iter_members, list_members
 from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
-from lit_meta.data.images import RESIZE, ClassPool, ImageEpisodicDataModule, check_resize, preprocess
+from lit_meta.data.class_pools import ClassPool
+from lit_meta.data.image_datamodule import ImageEpisodicDataModule
+from lit_meta.data.preprocessing import RESIZE, check_resize, preprocess
 from lit_meta.data.splits import SPLITS, read_class_list, read_fc100, split_files
 
 FOLDER = "cifar-100-python"

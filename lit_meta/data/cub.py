@@ -32,13 +32,10 @@ from lit_meta.data.archives import iter_members, list_members
 from lit_meta.data.base import check_positive
 from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
 from lit_meta.data.image_cache import Progress, check_on_bad_image, compact, decode_into, serves_run
-from lit_meta.data.images import (
-    IMAGE_EXTENSIONS,
-    RESIZE,
-    ClassPool,
-    ImageEpisodicDataModule,
-    check_resize,
-)
+from lit_meta.data.class_pools import ClassPool
+from lit_meta.data.decoding import IMAGE_EXTENSIONS
+from lit_meta.data.image_datamodule import ImageEpisodicDataModule
+from lit_meta.data.preprocessing import RESIZE, check_resize
 from lit_meta.data.splits import SPLITS, read_class_list, split_digest, split_files
 
 TOP = "CUB_200_2011"

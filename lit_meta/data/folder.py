@@ -22,7 +22,10 @@ import torch
 
 from lit_meta.data.base import SPLITS
 from lit_meta.data.cache import cache_file, cached, fingerprint
-from lit_meta.data.images import IMAGE_EXTENSIONS, ClassPool, ImageEpisodicDataModule, decode_image, preprocess_list
+from lit_meta.data.class_pools import ClassPool
+from lit_meta.data.decoding import IMAGE_EXTENSIONS, decode_image
+from lit_meta.data.image_datamodule import ImageEpisodicDataModule
+from lit_meta.data.preprocessing import preprocess_list
 
 SPLIT_MODES = ("auto", "fraction", "folders")
 

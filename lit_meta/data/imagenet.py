@@ -56,7 +56,9 @@ from lit_meta.data.image_cache import (
     serves_run,
     stamp_digest,
 )
-from lit_meta.data.images import RESIZE, ClassPool, ImageEpisodicDataModule, check_resize, sample_episodes
+from lit_meta.data.class_pools import ClassPool, sample_episodes
+from lit_meta.data.image_datamodule import ImageEpisodicDataModule
+from lit_meta.data.preprocessing import RESIZE, check_resize
 from lit_meta.data.splits import SPLITS, read_ravi, read_tiered, split_digest, split_files
 from lit_meta.tasks import TaskBatch
 

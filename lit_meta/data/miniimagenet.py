@@ -35,15 +35,10 @@ from lit_meta.data.imagenet import mini_from_imagenet
 from lit_meta.data.splits import read_filename_label
 from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
 from lit_meta.data.image_cache import check_on_bad_image
-from lit_meta.data.images import (
-    RESIZE,
-    ClassPool,
-    ImageEpisodicDataModule,
-    check_resize,
-    decode_image,
-    preprocess,
-    preprocess_list,
-)
+from lit_meta.data.class_pools import ClassPool
+from lit_meta.data.decoding import decode_image
+from lit_meta.data.image_datamodule import ImageEpisodicDataModule
+from lit_meta.data.preprocessing import RESIZE, check_resize, preprocess, preprocess_list
 
 MEAN = (120.39586422 / 255, 115.59361427 / 255, 104.54012653 / 255)
 STD = (70.68188272 / 255, 68.27635443 / 255, 72.54505529 / 255)

@@ -43,7 +43,10 @@ import numpy as np
 import torch
 
 from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
-from lit_meta.data.images import ClassPool, ImageEpisodicDataModule, decode_image, preprocess, preprocess_list
+from lit_meta.data.class_pools import ClassPool
+from lit_meta.data.decoding import decode_image
+from lit_meta.data.image_datamodule import ImageEpisodicDataModule
+from lit_meta.data.preprocessing import preprocess, preprocess_list
 
 HALVES = ("images_background", "images_evaluation")
 # The official release (github.com/brendenlake/omniglot, python/images_*.zip): characters per
