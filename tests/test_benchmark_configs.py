@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from lit_meta.cli import main
-from lit_meta.data.imagenet import ImageNetTrain
+from lit_meta.data.imagenet_train import ImageNetTrain
 from lit_meta.data.splits import read_class_list, read_ravi, read_tiered, split_files
 from tests.conftest import REPO
 from tests.source_fixtures import cifar_image, cifar_names, write_all_sources, write_cub

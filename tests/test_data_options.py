@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from jsonargparse import ArgumentParser
 
-from lit_meta.data import EpisodicDataModule, cifar, cub, imagenet
+from lit_meta.data import EpisodicDataModule, cifar, cub, tieredimagenet
 from lit_meta.data.preprocessing import RESIZE
 from lit_meta.data.miniimagenet import MEAN, STD
 from tests.conftest import REPO
@@ -43,7 +43,7 @@ EXPECTED = {
         "cache_dir": None, **STREAM, **IMAGE_PROTOCOL, "meta_batch_size": 4},
     "lit_meta.data.TieredImageNetDataModule": {
         "root": "data/tieredimagenet", "imagenet_root": None, "labels": "fine", "split_dir": None, **EPISODES,
-        "image_size": 84, "interpolation": RESIZE, "mean": list(imagenet.MEAN), "std": list(imagenet.STD),
+        "image_size": 84, "interpolation": RESIZE, "mean": list(tieredimagenet.MEAN), "std": list(tieredimagenet.STD),
         "on_bad_image": "stop", "pool_device": "auto", "build_workers": 0, "cache_dir": None,
         **STREAM, **IMAGE_PROTOCOL, "meta_batch_size": 4},
     "lit_meta.data.ImageFolderDataModule": {

@@ -28,7 +28,8 @@ from lit_meta.data import (
     TieredImageNetDataModule,
 )
 from lit_meta.data import image_cache
-from lit_meta.data.imagenet import ImageNetTrain, numeric_order, tiered_split
+from lit_meta.data.imagenet_train import ImageNetTrain, numeric_order
+from lit_meta.data.tieredimagenet import tiered_split
 from lit_meta.data.decoding import decode_image
 from lit_meta.data.preprocessing import images_from_files, preprocess
 from lit_meta.data.splits import SHIPPED, read_class_list, read_fc100, read_ravi, read_tiered, split_files
