@@ -119,8 +119,10 @@ class EpisodicDataModule(pl.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     def data_device(self) -> torch.device:
-        """Where in-memory datasets should live: the training GPU if there is one, else the CPU
-        (always the CPU with ``loader_workers``: the workers sample on the host)."""
+        """Where this DataModule's batches are made and in-memory datasets live: the training GPU if
+        there is one, else the CPU (always the CPU with ``loader_workers``: the workers sample on
+        the host). The same for every DataModule; data kept elsewhere (tieredImageNet's pools on
+        the host) has its own name for that place (``ImageEpisodicDataModule.pool_location``)."""
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         return device if device.type == "cuda" and not self.loader_workers else torch.device("cpu")

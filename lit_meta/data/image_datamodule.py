@@ -39,7 +39,8 @@ class ImageEpisodicDataModule(FewShotDataModule):
 
     Subclasses implement :meth:`build_pools`: the three splits' pools, on the CPU, from
     the cache (built if missing). ``setup`` checks the episode sizes against them and
-    moves them to the training device when it is a GPU.
+    moves them to :meth:`pool_location`, by default :meth:`data_device` (the training GPU
+    when there is one); episodes are always made on :meth:`data_device`.
     """
 
     def __init__(
@@ -112,8 +113,14 @@ class ImageEpisodicDataModule(FewShotDataModule):
         # Rank 0 of each node builds the cache before the other ranks' setup reads it.
         self.build_pools()
 
+    def pool_location(self) -> torch.device:
+        """Where the class pools live: :meth:`data_device`, so that an episode is gathered where it
+        is used. A dataset too large for the device overrides this to keep them on the host
+        (tieredImageNet's ``pool_device``); its episodes are still copied to :meth:`data_device`."""
+        return self.data_device()
+
     def setup(self, stage: str | None = None) -> None:
-        device = self.data_device()
+        device = self.pool_location()
         if self.pools:  # already loaded (e.g. sampled from before a Trainer was attached): just follow the device
             self.pools = {s: p.to(device) if p.images.device != device else p for s, p in self.pools.items()}
             return
@@ -139,4 +146,4 @@ class ImageEpisodicDataModule(FewShotDataModule):
             self.setup()
         ways, shots, queries = self.episode(split)
         return sample_episodes(self.pools[split], generator, num_tasks, ways, shots, queries, self.mean, self.std,
-                               labels=self.global_labels and split == "train")
+                               device=self.data_device(), labels=self.global_labels and split == "train")

@@ -24,13 +24,12 @@ import torch
 
 from lit_meta.data.base import check_positive
 from lit_meta.data.cache import CACHE_VERSION, cache_file, cached, fingerprint
-from lit_meta.data.class_pools import ClassPool, sample_episodes
+from lit_meta.data.class_pools import ClassPool
 from lit_meta.data.image_cache import build_array_resumably, check_on_bad_image, open_array, serves_run, stamp_digest
 from lit_meta.data.image_datamodule import ImageEpisodicDataModule
 from lit_meta.data.imagenet_train import ImageNetTrain
 from lit_meta.data.preprocessing import RESIZE, check_resize
 from lit_meta.data.splits import SPLITS, read_tiered, split_digest, split_files
-from lit_meta.tasks import TaskBatch
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet, per channel (tieredImageNet's default normalisation)
 STD = (0.229, 0.224, 0.225)
@@ -136,10 +135,11 @@ class TieredImageNetDataModule(ImageEpisodicDataModule):
 
     ``labels``: ``fine`` (synsets, 351 / 97 / 160) or ``category`` (the high-level
     categories, 20 / 6 / 8). ``pool_device``: where the memory-mapped images live while
-    training on a GPU: ``device`` (copied there once), ``host`` (gathered from the
-    memory map per meta-batch, the uint8 episode copied over), or ``auto`` (``device``
-    when they take less than half of its free memory). ``build_workers``: processes
-    decoding images while the cache is built (0: in this process).
+    training on a GPU (:meth:`pool_location`): ``device`` (copied there once), ``host``
+    (gathered from the memory map per meta-batch, the uint8 episode copied over), or
+    ``auto`` (``device`` when they take less than half of its free memory). Either way the
+    episodes are on :meth:`data_device`, the training device, as every DataModule's are.
+    ``build_workers``: processes decoding images while the cache is built (0: in this process).
     """
 
     name = "tieredimagenet"
@@ -188,13 +188,9 @@ class TieredImageNetDataModule(ImageEpisodicDataModule):
     def build_pools(self) -> dict[str, ClassPool]:
         return tiered_pools(self.load(), self.labels)
 
-    def episode_device(self) -> torch.device:
-        """Where the episodes go: the training device."""
-        return super().data_device()
-
-    def data_device(self) -> torch.device:
-        """Where the pools live (see ``pool_device``)."""
-        device = self.episode_device()
+    def pool_location(self) -> torch.device:
+        """Where the pools live (``pool_device``); the episodes still go to :meth:`data_device`."""
+        device = self.data_device()
         if device.type == "cpu" or self.pool_device == "device":
             return device
         if self.pool_device == "host":
@@ -202,13 +198,6 @@ class TieredImageNetDataModule(ImageEpisodicDataModule):
         size = self.load()["images"].numel()
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
         return device if size < free / 2 else torch.device("cpu")
-
-    def sample_tasks(self, split: str, generator: torch.Generator, num_tasks: int) -> TaskBatch:
-        if not self.pools:
-            self.setup()
-        ways, shots, queries = self.episode(split)
-        return sample_episodes(self.pools[split], generator, num_tasks, ways, shots, queries, self.mean, self.std,
-                               device=self.episode_device(), labels=self.global_labels and split == "train")
 
     def spec_extra(self) -> dict[str, Any]:
         return {"resize": self.interpolation, "labels": self.labels}
