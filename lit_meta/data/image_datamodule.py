@@ -16,7 +16,8 @@ import torch
 
 from lit_meta.data.base import SPLITS, FewShotDataModule, check_positive
 from lit_meta.data.class_pools import ClassPool, sample_episodes
-from lit_meta.data.preprocessing import RESIZE
+from lit_meta.data.image_cache import check_on_bad_image
+from lit_meta.data.preprocessing import RESIZE, check_resize
 from lit_meta.tasks import TaskBatch, task_spec
 
 
@@ -26,16 +27,29 @@ class ImageEpisodicDataModule(FewShotDataModule):
     The episode sizes (``ways`` / ``shots`` / ``queries`` and their ``eval_*`` values) are
     :class:`~lit_meta.data.base.FewShotDataModule`'s, the task stream's options
     (``meta_batch_size``, ``seed``, ...) :class:`~lit_meta.data.base.EpisodicDataModule`'s;
-    all keyword-only, reached through ``**kwargs``. Here: where the images are (``root``,
-    ``cache_dir``) and the input pipeline (``image_size``, ``channels``, ``invert``,
-    ``mean`` / ``std`` per channel, defaulting to 0 / 1), train-time ``rotations`` (new
-    classes) and ``eval_rotations`` (validation and test classes each turned a random
-    number of quarter turns per episode, as cbfinn/maml does), and ``global_labels``
-    (training batches carry each example's class index in the split,
-    :class:`~lit_meta.tasks.LabelledTaskBatch`, for the transfer baseline's classifier; the
-    ``task_spec`` then holds ``train_classes``, which loads the pools when it is read).
-    A dataset whose pipeline is fixed passes those values to ``super().__init__``
-    itself (Omniglot: ``channels=1, invert=True``), so they are not options of it.
+    all keyword-only, reached through ``**kwargs``. Here, stated once for every image
+    dataset (each reaches them through ``**kwargs``, which LightningCLI follows):
+
+    - where the images are: ``root``, ``cache_dir``, ``split_dir`` (a folder of split
+      files in the format of the shipped ones, ``lit_meta/data/splits/``);
+    - the input pipeline (:mod:`lit_meta.data.preprocessing`): ``image_size``,
+      ``channels``, ``invert``, ``interpolation`` (how images of another size are
+      resized), ``mean`` / ``std`` per channel (null: the dataset's own statistics,
+      :attr:`default_mean` / :attr:`default_std`, or 0 / 1 where it has none);
+    - ``on_bad_image``: an undecodable source image stops the cache build (``stop``) or is
+      left out with a warning (``skip``), :mod:`lit_meta.data.image_cache`;
+    - train-time ``rotations`` (new classes) and ``eval_rotations`` (validation and test
+      classes each turned a random number of quarter turns per episode, as cbfinn/maml
+      does), and ``global_labels`` (training batches carry each example's class index in
+      the split, :class:`~lit_meta.tasks.LabelledTaskBatch`, for the transfer baseline's
+      classifier; the ``task_spec`` then holds ``train_classes``, which loads the pools when
+      it is read).
+
+    A dataset re-states one of these only to change its default (Omniglot's
+    ``image_size: int = 28``). One for which an option has no meaning, or whose pipeline is
+    fixed, passes the value to ``super().__init__`` itself (Omniglot: ``channels=1,
+    invert=True``; CIFAR, read from pickles, ``on_bad_image="stop"``), so it is not an
+    option of that dataset (``tests/test_data_options.py`` lists them).
 
     Subclasses implement :meth:`build_pools`: the three splits' pools, on the CPU, from
     the cache (built if missing). ``setup`` checks the episode sizes against them and
@@ -52,18 +66,24 @@ class ImageEpisodicDataModule(FewShotDataModule):
         invert: bool = False,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        interpolation: str = RESIZE,
+        split_dir: str | None = None,
+        on_bad_image: str = "stop",
         rotations: bool = False,
         eval_rotations: bool = False,
         global_labels: bool = False,
         cache_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
         check_positive("image_size", image_size)
+        check_resize(interpolation, image_size, None)
+        check_on_bad_image(on_bad_image)
+        super().__init__(**kwargs)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-        mean = [0.0] * channels if mean is None else [float(m) for m in mean]
-        std = [1.0] * channels if std is None else [float(s) for s in std]
+        mean = mean if mean is not None else self.default_mean or [0.0] * channels
+        std = std if std is not None else self.default_std or [1.0] * channels
+        mean, std = [float(m) for m in mean], [float(s) for s in std]
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean and std need {channels} values (one per channel), got {mean} and {std}")
         if any(s <= 0 for s in std):
@@ -71,12 +91,17 @@ class ImageEpisodicDataModule(FewShotDataModule):
         self.root = Path(root).expanduser()
         self.image_size, self.channels, self.invert = image_size, channels, invert
         self.mean, self.std = mean, std
+        self.interpolation, self.resize_size = interpolation, None  # resize_size: CUB's crop margin
+        self.split_dir, self.on_bad_image = split_dir, on_bad_image
         self.rotations, self.eval_rotations = rotations, eval_rotations
         self.global_labels = global_labels
         self.cache_dir = cache_dir
         self.pools: dict[str, ClassPool] = {}
 
     # -- to implement -------------------------------------------------------------
+    default_mean: tuple[float, ...] | None = None  # the dataset's channel statistics: ``mean``'s default
+    default_std: tuple[float, ...] | None = None
+
     def build_pools(self) -> dict[str, ClassPool]:
         """``{"train", "val", "test"}`` -> CPU pools (without rotations), preprocessing and caching if needed."""
         raise NotImplementedError
@@ -92,7 +117,17 @@ class ImageEpisodicDataModule(FewShotDataModule):
         return task_spec(self.name, "classification", shape, self.num_outputs,
                          image_size=self.image_size, channels=self.channels, invert=self.invert,
                          mean=list(self.mean), std=list(self.std),
-                         **{"resize": RESIZE, **self.spec_extra(), **extra})
+                         **{"resize": self.interpolation, **self.spec_extra(), **extra})
+
+    def decode_options(self) -> dict[str, Any]:
+        """How a source image becomes a cached uint8 one (:func:`lit_meta.data.image_cache.load_image`'s options)."""
+        return {"channels": self.channels, "image_size": self.image_size, "resize": self.interpolation,
+                "resize_size": self.resize_size}
+
+    def resize_key(self) -> tuple[str, ...]:
+        """The interpolation as a cache key part: the default stays out of it, so that caches built
+        before it was an option stay valid."""
+        return () if self.interpolation == RESIZE else (self.interpolation,)
 
     def num_classes(self, split: str) -> int:
         """How many classes ``split`` has (training rotations counted as classes); loads the pools."""

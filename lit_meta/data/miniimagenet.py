@@ -38,10 +38,10 @@ import torch
 from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
 from lit_meta.data.class_pools import ClassPool
 from lit_meta.data.decoding import decode_image
-from lit_meta.data.image_cache import Source, check_on_bad_image, decode_all, serves_run, stamp_digest
+from lit_meta.data.image_cache import Source, decode_all, serves_run, stamp_digest
 from lit_meta.data.image_datamodule import ImageEpisodicDataModule
 from lit_meta.data.imagenet_train import ImageNetTrain
-from lit_meta.data.preprocessing import RESIZE, check_resize, preprocess, preprocess_list
+from lit_meta.data.preprocessing import RESIZE, preprocess, preprocess_list
 from lit_meta.data.splits import SPLITS, read_filename_label, read_ravi, split_digest, split_files
 
 MEAN = (120.39586422 / 255, 115.59361427 / 255, 104.54012653 / 255)
@@ -136,26 +136,19 @@ def mini_from_imagenet(imagenet: str, root: Path, cache_dir: str | None, split_d
 
 class MiniImageNetDataModule(ImageEpisodicDataModule):
     name = "miniimagenet"
+    default_mean, default_std = MEAN, STD
 
     def __init__(
         self,
         root: str = "data/miniimagenet",
         imagenet_root: str | None = None,
-        split_dir: str | None = None,
-        image_size: int = 84,
-        interpolation: str = RESIZE,
-        mean: list[float] | None = list(MEAN),
-        std: list[float] | None = list(STD),
-        on_bad_image: str = "stop",
         **kwargs: Any,
     ) -> None:
-        check_resize(interpolation, image_size, None)
-        check_on_bad_image(on_bad_image)
-        # miniImageNet's own defaults (84 px RGB, its channel statistics); everything else
-        # is the base classes' keyword-only arguments (``ways``, ``meta_batch_size``, ...).
-        super().__init__(root=root, image_size=image_size, channels=3, invert=False, mean=mean, std=std, **kwargs)
-        self.imagenet_root, self.split_dir = imagenet_root, split_dir
-        self.interpolation, self.on_bad_image = interpolation, on_bad_image
+        # RGB; everything else is the base classes' keyword-only arguments: the shared image
+        # options (``image_size``, ``split_dir``, ``interpolation``, ``mean``, ``on_bad_image``,
+        # ...), the episode sizes and the task stream (``ways``, ``meta_batch_size``, ...).
+        super().__init__(root=root, channels=3, invert=False, **kwargs)
+        self.imagenet_root = imagenet_root
 
     def find_layout(self) -> tuple[str, list[Path]]:
         self.check_root()
@@ -175,14 +168,11 @@ class MiniImageNetDataModule(ImageEpisodicDataModule):
 
     def build_pools(self) -> dict[str, ClassPool]:
         if self.imagenet_root is not None:
-            options = {"channels": 3, "image_size": self.image_size, "resize": self.interpolation, "resize_size": None}
-            data = mini_from_imagenet(self.imagenet_root, self.root, self.cache_dir, self.split_dir, options,
-                                      self.on_bad_image)
+            data = mini_from_imagenet(self.imagenet_root, self.root, self.cache_dir, self.split_dir,
+                                      self.decode_options(), self.on_bad_image)
             return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
         layout, files = self.find_layout()
-        # the default interpolation stays out of the key: caches built before it was an option stay valid
-        resize = () if self.interpolation == RESIZE else (self.interpolation,)
-        key = fingerprint("miniimagenet", self.image_size, layout, [file_stamp(p) for p in files], *resize)
+        key = fingerprint("miniimagenet", self.image_size, layout, [file_stamp(p) for p in files], *self.resize_key())
         path = cache_file(self.root, self.cache_dir, f"miniimagenet_{self.image_size}px")
 
         def build() -> dict[str, Any]:
@@ -199,4 +189,4 @@ class MiniImageNetDataModule(ImageEpisodicDataModule):
         return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
 
     def spec_extra(self) -> dict[str, Any]:
-        return {"rotations": self.rotations, "resize": self.interpolation}
+        return {"rotations": self.rotations}

@@ -25,10 +25,9 @@ import torch
 from lit_meta.data.base import check_positive
 from lit_meta.data.cache import CACHE_VERSION, cache_file, cached, fingerprint
 from lit_meta.data.class_pools import ClassPool
-from lit_meta.data.image_cache import build_array_resumably, check_on_bad_image, open_array, serves_run, stamp_digest
+from lit_meta.data.image_cache import build_array_resumably, open_array, serves_run, stamp_digest
 from lit_meta.data.image_datamodule import ImageEpisodicDataModule
 from lit_meta.data.imagenet_train import ImageNetTrain
-from lit_meta.data.preprocessing import RESIZE, check_resize
 from lit_meta.data.splits import SPLITS, read_tiered, split_digest, split_files
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet, per channel (tieredImageNet's default normalisation)
@@ -143,46 +142,36 @@ class TieredImageNetDataModule(ImageEpisodicDataModule):
     """
 
     name = "tieredimagenet"
+    default_mean, default_std = MEAN, STD
 
     def __init__(
         self,
         root: str = "data/tieredimagenet",
         imagenet_root: str | None = None,
         labels: str = "fine",
-        split_dir: str | None = None,
-        image_size: int = 84,
-        interpolation: str = RESIZE,
-        mean: list[float] | None = list(MEAN),
-        std: list[float] | None = list(STD),
-        on_bad_image: str = "stop",
         pool_device: str = "auto",
         build_workers: int = 0,
         **kwargs: Any,
     ) -> None:
+        # the shared image options (``image_size``, ``split_dir``, ``interpolation``, ``mean``,
+        # ``on_bad_image``, ...) come through ``kwargs``
         if labels not in LABELS:
             raise ValueError(f"labels must be one of {', '.join(LABELS)}, got {labels!r}")
         if pool_device not in POOL_DEVICES:
             raise ValueError(f"pool_device must be one of {', '.join(POOL_DEVICES)}, got {pool_device!r}")
-        check_resize(interpolation, image_size, None)
-        check_on_bad_image(on_bad_image)
         check_positive("build_workers", build_workers, minimum=0)
-        super().__init__(root=root, image_size=image_size, channels=3, invert=False, mean=mean, std=std,
-                         rotations=False, **kwargs)
-        self.imagenet_root, self.labels, self.split_dir = imagenet_root, labels, split_dir
-        self.build_workers = build_workers
-        self.interpolation, self.on_bad_image, self.pool_device = interpolation, on_bad_image, pool_device
+        super().__init__(root=root, channels=3, invert=False, rotations=False, **kwargs)
+        self.imagenet_root, self.labels = imagenet_root, labels
+        self.build_workers, self.pool_device = build_workers, pool_device
         self.loaded: dict[str, Any] | None = None  # the index and memory map, read once per process
-
-    def options(self) -> dict[str, Any]:
-        return {"channels": 3, "image_size": self.image_size, "resize": self.interpolation, "resize_size": None}
 
     def load(self) -> dict[str, Any]:
         if self.loaded is None:
             if self.imagenet_root is None:
-                self.loaded = tiered_cache_only(self.root, self.cache_dir, self.options())
+                self.loaded = tiered_cache_only(self.root, self.cache_dir, self.decode_options())
             else:
                 self.loaded = load_tiered(self.imagenet_root, self.root, self.cache_dir, self.split_dir,
-                                          self.options(), self.on_bad_image, self.build_workers)
+                                          self.decode_options(), self.on_bad_image, self.build_workers)
         return self.loaded
 
     def build_pools(self) -> dict[str, ClassPool]:
@@ -200,4 +189,4 @@ class TieredImageNetDataModule(ImageEpisodicDataModule):
         return device if size < free / 2 else torch.device("cpu")
 
     def spec_extra(self) -> dict[str, Any]:
-        return {"resize": self.interpolation, "labels": self.labels}
+        return {"labels": self.labels}
