@@ -9,11 +9,12 @@ files. Rotations as new classes follow Santoro et al. 2016 and Finn et al. 2017.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from lit_meta.data.base import SPLITS
 from lit_meta.data.preprocessing import normalize
 from lit_meta.devices import to_device
 from lit_meta.tasks import LabelledTaskBatch, TaskBatch
@@ -63,6 +64,25 @@ class ClassPool:
         return ClassPool(self.images[index.to(self.images.device)], counts,
                          [self.names[i] for i in classes.tolist()], rotations)
 
+
+
+def split_pools(data: Mapping[str, Any]) -> dict[str, ClassPool]:
+    """The pools of a cache laid out per split, ``{split: {"images", "counts", "names"}}``."""
+    return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
+
+
+def contiguous_pools(images: Tensor, counts: Tensor, names: Sequence[str],
+                     classes_per_split: Mapping[str, int]) -> dict[str, ClassPool]:
+    """The pools of one array whose splits' classes are contiguous blocks, train then val then test
+    (``classes_per_split[s]`` classes each): views of ``images``, not copies (a memory map stays one)."""
+    pools, first_class, first_image = {}, 0, 0
+    for split in SPLITS:
+        n = classes_per_split[split]
+        block = counts[first_class:first_class + n]
+        end = first_image + int(block.sum())
+        pools[split] = ClassPool(images[first_image:end], block, list(names[first_class:first_class + n]))
+        first_class, first_image = first_class + n, end
+    return pools
 
 def sample_episodes(pool: ClassPool, generator: torch.Generator, num_tasks: int, ways: int, shots: int,
                     queries: int, mean: Sequence[float], std: Sequence[float],

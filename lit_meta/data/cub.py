@@ -31,11 +31,11 @@ import torch
 from lit_meta.data.archives import iter_members, list_members
 from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
 from lit_meta.data.image_cache import Progress, compact, decode_into, serves_run
-from lit_meta.data.class_pools import ClassPool
+from lit_meta.data.class_pools import ClassPool, contiguous_pools
 from lit_meta.data.decoding import IMAGE_EXTENSIONS
 from lit_meta.data.image_datamodule import ImageEpisodicDataModule
 from lit_meta.data.preprocessing import check_resize
-from lit_meta.data.splits import SPLITS, read_class_list, split_digest, split_files
+from lit_meta.data.splits import SPLITS, check_disjoint, read_class_list, split_digest, split_files
 
 TOP = "CUB_200_2011"
 ARCHIVE = f"{TOP}.tgz"
@@ -90,12 +90,7 @@ def check_classes(found: dict[str, list[Any]], needed: list[str], where: Path) -
 def split_classes(split_dir: str | None) -> dict[str, list[str]]:
     files = split_files("cub", split_dir)
     classes = {s: read_class_list(files[s]) for s in SPLITS}
-    seen: dict[str, str] = {}
-    for split in SPLITS:
-        for name in classes[split]:
-            if name in seen:
-                raise ValueError(f"split files: class {name!r} is in both {seen[name]} and {split} ({files[split]})")
-            seen[name] = split
+    check_disjoint(classes, files, lambda name: f"class {name!r}")
     return classes
 
 
@@ -139,14 +134,7 @@ def load_cub(root: Path, cache_dir: str | None, split_dir: str | None, options: 
 
 def cub_pools(data: dict[str, Any]) -> dict[str, ClassPool]:
     """Each split's classes are a contiguous block of the cache: the pools are views, not copies."""
-    pools, first_class, first_image = {}, 0, 0
-    for split in SPLITS:
-        n = data["splits"][split]
-        counts = data["counts"][first_class:first_class + n]
-        end = first_image + int(counts.sum())
-        pools[split] = ClassPool(data["images"][first_image:end], counts, data["names"][first_class:first_class + n])
-        first_class, first_image = first_class + n, end
-    return pools
+    return contiguous_pools(data["images"], data["counts"], data["names"], data["splits"])
 
 
 class CUBDataModule(ImageEpisodicDataModule):

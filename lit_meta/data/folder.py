@@ -22,7 +22,7 @@ import torch
 
 from lit_meta.data.base import SPLITS
 from lit_meta.data.cache import cache_file, cached, fingerprint
-from lit_meta.data.class_pools import ClassPool
+from lit_meta.data.class_pools import ClassPool, split_pools
 from lit_meta.data.decoding import IMAGE_EXTENSIONS, decode_image
 from lit_meta.data.image_datamodule import ImageEpisodicDataModule
 from lit_meta.data.preprocessing import preprocess_list
@@ -109,8 +109,7 @@ class ImageFolderDataModule(ImageEpisodicDataModule):
                                "names": list(classes)}
             return data
 
-        data = cached(path, key, build)
-        return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
+        return split_pools(cached(path, key, build))
 
     def spec_extra(self) -> dict[str, Any]:
         return {"rotations": self.rotations}

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
-from lit_meta.data.class_pools import ClassPool
+from lit_meta.data.class_pools import ClassPool, split_pools
 from lit_meta.data.decoding import decode_image
 from lit_meta.data.image_cache import Source, decode_all, serves_run, stamp_digest
 from lit_meta.data.image_datamodule import ImageEpisodicDataModule
@@ -170,7 +170,7 @@ class MiniImageNetDataModule(ImageEpisodicDataModule):
         if self.imagenet_root is not None:
             data = mini_from_imagenet(self.imagenet_root, self.root, self.cache_dir, self.split_dir,
                                       self.decode_options(), self.on_bad_image)
-            return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
+            return split_pools(data)
         layout, files = self.find_layout()
         key = fingerprint("miniimagenet", self.image_size, layout, [file_stamp(p) for p in files], *self.resize_key())
         path = cache_file(self.root, self.cache_dir, f"miniimagenet_{self.image_size}px")
@@ -185,8 +185,7 @@ class MiniImageNetDataModule(ImageEpisodicDataModule):
                 data[split] = {"images": images, "counts": counts, "names": names}
             return data
 
-        data = cached(path, key, build)
-        return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
+        return split_pools(cached(path, key, build))
 
     def spec_extra(self) -> dict[str, Any]:
         return {"rotations": self.rotations}

@@ -155,14 +155,20 @@ def folder_stamps(characters: dict[str, list[str]]) -> list[tuple[str, str, int,
     return stamps
 
 
+def _characters(arrays: list[np.ndarray], grouped: list[tuple[str, list[str]]], image_size: int,
+                resize: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The decoded images of ``grouped`` characters, in order -> (uint8 images, counts, character names)."""
+    return (preprocess_list(arrays, image_size, invert=True, resize=resize),
+            torch.tensor([len(files) for _, files in grouped]), [n for n, _ in grouped])
+
+
 def read_folder(half: Path, image_size: int, characters: dict[str, list[str]] | None = None,
                 resize: str = RESIZE) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """``half/<alphabet>/<character>/*.png`` -> (uint8 images, counts, character names)."""
     characters = list_folder(half) if characters is None else characters
     grouped = _group(characters, str(half))
     arrays = [decode_image(f, 1) for _, files in grouped for f in files]
-    return (preprocess_list(arrays, image_size, invert=True, resize=resize),
-            torch.tensor([len(files) for _, files in grouped]), [n for n, _ in grouped])
+    return _characters(arrays, grouped, image_size, resize)
 
 
 def read_zip(path: Path, image_size: int, resize: str = RESIZE) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -194,8 +200,7 @@ def read_zip(path: Path, image_size: int, resize: str = RESIZE) -> tuple[torch.T
                 except (zipfile.BadZipFile, OSError) as error:
                     raise ValueError(f"cannot read image {path}:{entry}: {error}") from None
                 arrays.append(decode_image(data, 1, name=f"{path}:{entry}"))
-    return (preprocess_list(arrays, image_size, invert=True, resize=resize),
-            torch.tensor([len(files) for _, files in grouped]), [n for n, _ in grouped])
+    return _characters(arrays, grouped, image_size, resize)
 
 
 def read_npz(path: Path, image_size: int, resize: str = RESIZE) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

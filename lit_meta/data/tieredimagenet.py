@@ -17,6 +17,7 @@ and the options.
 """
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,11 @@ import torch
 
 from lit_meta.data.base import check_positive
 from lit_meta.data.cache import CACHE_VERSION, cache_file, cached, fingerprint
-from lit_meta.data.class_pools import ClassPool
+from lit_meta.data.class_pools import ClassPool, contiguous_pools
 from lit_meta.data.image_cache import build_array_resumably, open_array, serves_run, stamp_digest
 from lit_meta.data.image_datamodule import ImageEpisodicDataModule
 from lit_meta.data.imagenet_train import ImageNetTrain
-from lit_meta.data.splits import SPLITS, read_tiered, split_digest, split_files
+from lit_meta.data.splits import SPLITS, check_disjoint, read_tiered, split_digest, split_files
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet, per channel (tieredImageNet's default normalisation)
 STD = (0.229, 0.224, 0.225)
@@ -40,12 +41,7 @@ def tiered_split(split_dir: str | None) -> tuple[dict[str, list[tuple[str, str]]
     """``split -> [(synset, category)]`` sorted by (category, synset), and the split files."""
     files = split_files("tieredimagenet", split_dir)
     rows = {s: sorted(read_tiered(files[s]), key=lambda r: (r[1], r[0])) for s in SPLITS}
-    seen: dict[str, str] = {}
-    for split in SPLITS:
-        for wnid, _ in rows[split]:
-            if wnid in seen:
-                raise ValueError(f"split files: synset {wnid} is in both {seen[wnid]} and {split} ({files[split]})")
-            seen[wnid] = split
+    check_disjoint({s: [w for w, _ in rows[s]] for s in SPLITS}, files, lambda wnid: f"synset {wnid}")
     return rows, files
 
 
@@ -94,19 +90,15 @@ def load_tiered(imagenet: str, root: Path, cache_dir: str | None, split_dir: str
 def tiered_pools(data: dict[str, Any], labels: str) -> dict[str, ClassPool]:
     """Per split, a view of the memory-mapped array: classes are synsets (``fine``) or categories
     (``category``; a category's synsets are contiguous, so its images are too)."""
-    pools, first, start = {}, 0, 0
-    for split in SPLITS:
-        n = data["splits"][split]
-        counts, names = data["counts"][first:first + n], data["names"][first:first + n]
-        categories = data["categories"][first:first + n]
-        end = start + int(counts.sum())
-        if labels == "category":
-            groups: dict[str, int] = {}
-            for category, count in zip(categories, counts.tolist()):
-                groups[category] = groups.get(category, 0) + count
-            names, counts = list(groups), torch.tensor(list(groups.values()), dtype=torch.long)
-        pools[split] = ClassPool(data["images"][start:end], counts, list(names))
-        first, start = first + n, end
+    pools = contiguous_pools(data["images"], data["counts"], data["names"], data["splits"])
+    if labels == "fine":
+        return pools
+    categories = iter(data["categories"])  # in the synsets' order, split after split
+    for split, pool in pools.items():
+        groups: dict[str, int] = {}
+        for category, count in zip(islice(categories, len(pool.counts)), pool.counts.tolist()):
+            groups[category] = groups.get(category, 0) + count
+        pools[split] = ClassPool(pool.images, torch.tensor(list(groups.values()), dtype=torch.long), list(groups))
     return pools
 
 
