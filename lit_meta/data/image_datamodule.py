@@ -5,7 +5,9 @@ pipeline of :mod:`lit_meta.data.preprocessing`, rotations, global labels), the
 ``task_spec`` that records that pipeline, and the life of the split's
 :class:`~lit_meta.data.class_pools.ClassPool`s: built by the dataset
 (:meth:`~ImageEpisodicDataModule.build_pools`), checked against the episode sizes, moved to
-the training device, and sampled by :func:`~lit_meta.data.class_pools.sample_episodes`.
+:meth:`~ImageEpisodicDataModule.pool_location` (the training device, unless the dataset keeps
+them on the host), and sampled by :func:`~lit_meta.data.class_pools.sample_episodes` onto
+``data_device()``, the training device, as every DataModule's batches.
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ class ImageEpisodicDataModule(FewShotDataModule):
         self.cache_dir = cache_dir
         self.pools: dict[str, ClassPool] = {}
 
-    # -- to implement -------------------------------------------------------------
+    # -- to set and implement -----------------------------------------------------
     default_mean: tuple[float, ...] | None = None  # the dataset's channel statistics: ``mean``'s default
     default_std: tuple[float, ...] | None = None
 
