@@ -125,6 +125,10 @@ def test_mean_and_std_default_to_the_datasets_statistics(class_path, tmp_path):
     module = STATISTICS[class_path]
     assert (dm.mean, dm.std) == (list(module.MEAN), list(module.STD))
     assert (dm.task_spec["mean"], dm.task_spec["std"]) == (list(module.MEAN), list(module.STD))
+
+
+def test_mean_and_std_default_to_no_normalisation_without_statistics(tmp_path):
+    p = parser()
     for path in ("lit_meta.data.ImageFolderDataModule", "lit_meta.data.OmniglotDataModule"):
         dm = p.instantiate_classes(p.parse_args(["--data", path, "--data.init_args.root", str(tmp_path)])).data
         assert (dm.mean, dm.std) == ([0.0] * dm.channels, [1.0] * dm.channels)
