@@ -11,7 +11,7 @@
   ``x,y`` (the query's ``y`` is optional; with it ``mse: <float>`` is printed).
 
 Images go through the pipeline stored in the checkpoint's ``task_spec`` (decode, ink
-inversion, resize, normalisation: ``lit_meta.data.images``), so a task's original files
+inversion, resize, normalisation: ``lit_meta.data.preprocessing``), so a task's original files
 give the tensors the DataModule gave in training. Adaptation is the checkpoint's own
 inner loop and evaluation mode (``MetaLearner.adapt_and_predict``: its update rule and
 learned rates, its BatchNorm mode) for its test-time step count unless ``steps`` is given.
@@ -35,7 +35,8 @@ from torch import Tensor
 
 from lit_meta.algorithms.base import MetaLearner
 from lit_meta.checkpoint import load_checkpoint
-from lit_meta.data.images import IMAGE_EXTENSIONS, ImageFiles, images_from_files
+from lit_meta.data.decoding import IMAGE_EXTENSIONS
+from lit_meta.data.preprocessing import ImageFiles, images_from_files
 
 
 @dataclass

@@ -138,7 +138,7 @@ WAYS, SHOTS, QUERIES, TASKS = 3, 2, 2, 2
 
 def meta_pool(classes: int = 6, per_class: int = 5, size: int = 8) -> Any:
     """An image pool on the meta device, as an image DataModule's ``setup`` puts it on the GPU."""
-    from lit_meta.data.images import ClassPool
+    from lit_meta.data.class_pools import ClassPool
 
     images = torch.zeros(classes * per_class, 1, size, size, dtype=torch.uint8, device=DEVICE)
     return ClassPool(images, torch.full((classes,), per_class), [f"c{i}" for i in range(classes)])
@@ -146,7 +146,7 @@ def meta_pool(classes: int = 6, per_class: int = 5, size: int = 8) -> Any:
 
 def episodes(pool: Any, labels: bool = False) -> Callable[[int], Any]:
     """``step -> meta-batch`` drawn on the pool's device by the DataModules' own sampler."""
-    from lit_meta.data.images import sample_episodes
+    from lit_meta.data.class_pools import sample_episodes
 
     def draw(step: int) -> Any:
         generator = torch.Generator().manual_seed(step)

@@ -25,7 +25,7 @@ from lit_meta.algorithms import ANIL, MAML, MAMLpp, MetaLSTM, MetaSGD, Reptile, 
 from lit_meta.checkpoint import load_checkpoint
 from lit_meta.cli import main
 from lit_meta.data import OmniglotDataModule
-from lit_meta.data.images import normalize
+from lit_meta.data.preprocessing import normalize
 from lit_meta.metrics import mean_ci95
 from tests.image_data_fixtures import HALVES, _omniglot_files, write_omniglot_folders
 from tests.episodes import adapt_one, predict, run

@@ -8,7 +8,7 @@ import torch
 
 from lit_meta.adapt import adapt
 from lit_meta.algorithms import BOIL, IMAML, R2D2, MetaBaseline, ProtoNet
-from lit_meta.data.images import images_from_files
+from lit_meta.data.preprocessing import images_from_files
 from lit_meta.episode import adapt_task
 from lit_meta.models.heads import ridge_logits
 from tests.test_adapt import SMALL, evaluation_task, make_omni, save_checkpoint

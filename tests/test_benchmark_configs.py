@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from lit_meta.cli import main
-from lit_meta.data.imagenet import ImageNetTrain
+from lit_meta.data.imagenet_train import ImageNetTrain
 from lit_meta.data.splits import read_class_list, read_ravi, read_tiered, split_files
 from tests.config_files import composed
 from tests.conftest import REPO

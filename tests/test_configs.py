@@ -177,7 +177,7 @@ def test_every_rank_of_2_and_3_gets_work_and_evaluation_covers_each_task_once(co
     compared with what one process draws."""
     from lit_meta.cli import MetaCLI, check_world_size
 
-    from lit_meta.data.images import ImageEpisodicDataModule
+    from lit_meta.data.image_datamodule import ImageEpisodicDataModule
 
     monkeypatch.chdir(tmp_path)
     # the transfer configs' global labels size the head by the training classes, which only the

@@ -23,7 +23,8 @@ from tests.image_data_fixtures import (
 )
 from lit_meta.data import ImageFolderDataModule, MiniImageNetDataModule, OmniglotDataModule
 from lit_meta.checkpoint import WriteError, atomic_torch_save
-from lit_meta.data.images import ClassPool, images_from_files, preprocess, sample_episodes
+from lit_meta.data.class_pools import ClassPool, sample_episodes
+from lit_meta.data.preprocessing import images_from_files, preprocess
 
 from tests.conftest import OMNIGLOT as REAL_OMNIGLOT
 

@@ -19,7 +19,7 @@ import torch
 from lit_meta.algorithms import ANIL, MAML, MAMLpp, MetaSGD, Reptile
 from lit_meta.data import OmniglotDataModule
 from lit_meta.data.base import EpisodicDataModule
-from lit_meta.data.images import ClassPool, sample_episodes
+from lit_meta.data.class_pools import ClassPool, sample_episodes
 from lit_meta.data.sine import SineDataModule
 from lit_meta.sync_guard import HostSyncError, guard_training_steps, no_host_sync
 from lit_meta.tasks import TaskBatch
@@ -112,7 +112,7 @@ def test_pixels_are_the_same_bits_on_any_device():
     tensor on the images' device, which both devices divide exactly (IEEE division)."""
     from torch.overrides import TorchFunctionMode
 
-    from lit_meta.data.images import normalize
+    from lit_meta.data.preprocessing import normalize
 
     levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
     exact = levels.float() / torch.tensor(255.0)

@@ -28,8 +28,10 @@ from lit_meta.data import (
     TieredImageNetDataModule,
 )
 from lit_meta.data import image_cache
-from lit_meta.data.imagenet import ImageNetTrain, numeric_order, tiered_split
-from lit_meta.data.images import decode_image, images_from_files, preprocess
+from lit_meta.data.imagenet_train import ImageNetTrain, numeric_order
+from lit_meta.data.tieredimagenet import tiered_split
+from lit_meta.data.decoding import decode_image
+from lit_meta.data.preprocessing import images_from_files, preprocess
 from lit_meta.data.splits import SHIPPED, read_class_list, read_fc100, read_ravi, read_tiered, split_files
 from tests.test_data_images import one_line_error
 from tests.source_fixtures import (
@@ -361,16 +363,29 @@ def test_tieredimagenet_pool_is_memory_mapped(sources, tmp_path):
 
 def test_tieredimagenet_host_pools_send_episodes_to_the_device(sources, tmp_path, monkeypatch):
     """``pool_device: host`` keeps the memory map on the CPU and copies each uint8 episode to the
-    training device ("meta" stands in for a GPU); ``device`` moves the pools there."""
+    training device, ``data_device()`` as for every DataModule ("meta" stands in for a GPU);
+    ``device`` moves the pools there."""
     for mode, pools_on in (("host", "cpu"), ("device", "meta")):
         dm = tiered_dm(sources, tmp_path, pool_device=mode)
-        monkeypatch.setattr(dm, "episode_device", lambda: torch.device("meta"))
+        monkeypatch.setattr(dm, "data_device", lambda: torch.device("meta"))
         dm.setup()
         assert {p.images.device.type for p in dm.pools.values()} == {pools_on}
         batch = dm.sample_tasks("train", torch.Generator().manual_seed(0), 2)
         assert batch.support_x.device.type == batch.query_y.device.type == "meta"
         assert batch.support_x.shape == (2, 5, 3, 16, 16)
 
+
+
+def test_data_device_means_the_training_device_for_every_datamodule():
+    """``data_device()`` is where a DataModule's batches are made, the base class's one meaning:
+    no DataModule redefines it (tieredImageNet's host pools have their own hook, ``pool_location``)."""
+    import lit_meta.data as data
+    from lit_meta.data import EpisodicDataModule
+
+    classes = [getattr(data, n) for n in data.__all__ if isinstance(getattr(data, n), type)
+               and issubclass(getattr(data, n), EpisodicDataModule)]
+    assert data.TieredImageNetDataModule in classes
+    assert all(cls.data_device is EpisodicDataModule.data_device for cls in classes), classes
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -380,7 +395,7 @@ def test_tieredimagenet_host_pools_on_a_gpu_give_the_cpu_episodes(sources, tmp_p
     cpu.setup()
     for mode in ("host", "device"):
         gpu = tiered_dm(sources, tmp_path, pool_device=mode)
-        monkeypatch.setattr(gpu, "episode_device", lambda: torch.device("cuda"))
+        monkeypatch.setattr(gpu, "data_device", lambda: torch.device("cuda"))
         gpu.setup()
         a, b = cpu.train_batch(3), gpu.train_batch(3)
         assert b.support_x.is_cuda and torch.equal(a.support_x, b.support_x.cpu())

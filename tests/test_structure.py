@@ -221,6 +221,13 @@ def test_readme_tree_names_every_module():
     assert not missing, f"README's How it works tree does not name lit_meta/{{{', '.join(missing)}}}"
 
 
+
+def test_every_data_module_says_what_it_owns():
+    """One file per job in ``lit_meta/data/``: each module opens with a docstring saying what it owns."""
+    silent = sorted(p.relative_to(PACKAGE).as_posix() for p in (PACKAGE / "data").rglob("*.py")
+                    if p.name != "__init__.py" and not ast.get_docstring(ast.parse(p.read_text())))
+    assert not silent, f"lit_meta/data modules without a docstring: {silent}"
+
 # ---------------------------------------------------------------------------- context is passed, not stashed
 # What an algorithm's or the episode's code may assign to ``self`` outside ``__init__``, and why:
 # none of it says what step or split is running.

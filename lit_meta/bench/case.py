@@ -167,7 +167,7 @@ def build_data(case: Case) -> CaseData:
         dm = TensorTasks(images, case.ways, case.shots, case.queries, case.meta_batch_size, dataset=case.dataset)
         return CaseData(dm, images, f"random images {list(images.shape)}, TensorTasks sampler (lit_meta.bench)")
     from lit_meta.data import OmniglotDataModule
-    from lit_meta.data.images import normalize
+    from lit_meta.data.preprocessing import normalize
 
     dm = OmniglotDataModule(root=str(OMNIGLOT_PACK), ways=case.ways, shots=case.shots, queries=case.queries,
                             meta_batch_size=case.meta_batch_size, image_size=28)

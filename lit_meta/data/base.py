@@ -32,7 +32,7 @@ the source, so ``--data.init_args.<shared option>`` and its type and default sta
 command line and in configs.
 
 Where sampling runs: in-process by default, on the training device (in-memory pools live
-there; see ``lit_meta.data.images.sample_episodes``). With ``loader_workers`` N > 0 (data
+there; see ``lit_meta.data.class_pools.sample_episodes``). With ``loader_workers`` N > 0 (data
 that stays on the host, e.g. memory-mapped), N forked DataLoader workers draw the training
 meta-batches, worker ``w`` steps ``start + w, start + w + N, ...`` (the loader returns them
 in step order), into pinned memory; ``TaskBatch.to`` then copies them non-blocking. The
@@ -119,8 +119,10 @@ class EpisodicDataModule(pl.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     def data_device(self) -> torch.device:
-        """Where in-memory datasets should live: the training GPU if there is one, else the CPU
-        (always the CPU with ``loader_workers``: the workers sample on the host)."""
+        """Where this DataModule's batches are made and in-memory datasets live: the training GPU if
+        there is one, else the CPU (always the CPU with ``loader_workers``: the workers sample on
+        the host). The same for every DataModule; data kept elsewhere (tieredImageNet's pools on
+        the host) has its own name for that place (``ImageEpisodicDataModule.pool_location``)."""
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         return device if device.type == "cuda" and not self.loader_workers else torch.device("cpu")

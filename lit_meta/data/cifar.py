@@ -35,7 +35,9 @@ import torch
 
 from lit_meta.data.archives import iter_members, list_members
 from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
-from lit_meta.data.images import RESIZE, ClassPool, ImageEpisodicDataModule, check_resize, preprocess
+from lit_meta.data.class_pools import ClassPool
+from lit_meta.data.image_datamodule import ImageEpisodicDataModule
+from lit_meta.data.preprocessing import preprocess
 from lit_meta.data.splits import SPLITS, read_class_list, read_fc100, split_files
 
 FOLDER = "cifar-100-python"
@@ -204,22 +206,20 @@ class CIFARFSDataModule(ImageEpisodicDataModule):
     """CIFAR-FS episodes (module docstring): ``root`` holds ``cifar-100-python/`` or its ``.tar.gz``."""
 
     name = "cifar_fs"
+    default_mean, default_std = MEAN, STD
 
     def __init__(
         self,
         root: str = "data/cifar100",
-        split_dir: str | None = None,
         download: bool = False,
         image_size: int = 32,
-        interpolation: str = RESIZE,
-        mean: list[float] | None = list(MEAN),
-        std: list[float] | None = list(STD),
         **kwargs: Any,
     ) -> None:
-        check_resize(interpolation, image_size, None)
-        super().__init__(root=root, image_size=image_size, channels=3, invert=False, mean=mean, std=std,
-                         rotations=False, **kwargs)
-        self.split_dir, self.download, self.interpolation = split_dir, download, interpolation
+        # the shared image options (``split_dir``, ``interpolation``, ``mean``, ...) come through
+        # ``kwargs``; the pickles hold arrays, not image files, so there is no ``on_bad_image``
+        super().__init__(root=root, image_size=image_size, channels=3, invert=False, rotations=False,
+                         on_bad_image="stop", **kwargs)
+        self.download = download
 
     def split_classes(self, data: dict[str, Any]) -> dict[str, list[int]]:
         return cifar_fs_classes(data, self.split_dir)
@@ -227,9 +227,6 @@ class CIFARFSDataModule(ImageEpisodicDataModule):
     def build_pools(self) -> dict[str, ClassPool]:
         data = load_cifar100(self.root, self.cache_dir, self.image_size, self.interpolation, self.download)
         return cifar_pools(data, self.split_classes(data))
-
-    def spec_extra(self) -> dict[str, Any]:
-        return {"resize": self.interpolation}
 
 
 class FC100DataModule(CIFARFSDataModule):

@@ -29,17 +29,13 @@ from typing import Any
 import torch
 
 from lit_meta.data.archives import iter_members, list_members
-from lit_meta.data.base import check_positive
 from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
-from lit_meta.data.image_cache import Progress, check_on_bad_image, compact, decode_into, serves_run
-from lit_meta.data.images import (
-    IMAGE_EXTENSIONS,
-    RESIZE,
-    ClassPool,
-    ImageEpisodicDataModule,
-    check_resize,
-)
-from lit_meta.data.splits import SPLITS, read_class_list, split_digest, split_files
+from lit_meta.data.image_cache import Progress, compact, decode_into, serves_run
+from lit_meta.data.class_pools import ClassPool, contiguous_pools
+from lit_meta.data.decoding import IMAGE_EXTENSIONS
+from lit_meta.data.image_datamodule import ImageEpisodicDataModule
+from lit_meta.data.preprocessing import check_resize
+from lit_meta.data.splits import SPLITS, check_disjoint, read_class_list, split_digest, split_files
 
 TOP = "CUB_200_2011"
 ARCHIVE = f"{TOP}.tgz"
@@ -94,12 +90,7 @@ def check_classes(found: dict[str, list[Any]], needed: list[str], where: Path) -
 def split_classes(split_dir: str | None) -> dict[str, list[str]]:
     files = split_files("cub", split_dir)
     classes = {s: read_class_list(files[s]) for s in SPLITS}
-    seen: dict[str, str] = {}
-    for split in SPLITS:
-        for name in classes[split]:
-            if name in seen:
-                raise ValueError(f"split files: class {name!r} is in both {seen[name]} and {split} ({files[split]})")
-            seen[name] = split
+    check_disjoint(classes, files, lambda name: f"class {name!r}")
     return classes
 
 
@@ -143,46 +134,29 @@ def load_cub(root: Path, cache_dir: str | None, split_dir: str | None, options: 
 
 def cub_pools(data: dict[str, Any]) -> dict[str, ClassPool]:
     """Each split's classes are a contiguous block of the cache: the pools are views, not copies."""
-    pools, first_class, first_image = {}, 0, 0
-    for split in SPLITS:
-        n = data["splits"][split]
-        counts = data["counts"][first_class:first_class + n]
-        end = first_image + int(counts.sum())
-        pools[split] = ClassPool(data["images"][first_image:end], counts, data["names"][first_class:first_class + n])
-        first_class, first_image = first_class + n, end
-    return pools
+    return contiguous_pools(data["images"], data["counts"], data["names"], data["splits"])
 
 
 class CUBDataModule(ImageEpisodicDataModule):
     """CUB episodes (module docstring): ``root`` holds ``CUB_200_2011/images/`` or ``CUB_200_2011.tgz``."""
 
     name = "cub"
+    default_mean, default_std = MEAN, STD
 
     def __init__(
         self,
         root: str = "data/cub",
-        split_dir: str | None = None,
-        image_size: int = 84,
         resize_size: int | None = None,
-        interpolation: str = RESIZE,
-        mean: list[float] | None = list(MEAN),
-        std: list[float] | None = list(STD),
-        on_bad_image: str = "stop",
         **kwargs: Any,
     ) -> None:
-        check_positive("image_size", image_size)
-        resize_size = int(image_size * 1.15) if resize_size is None else resize_size
-        check_resize(interpolation, image_size, resize_size)
-        check_on_bad_image(on_bad_image)
-        super().__init__(root=root, image_size=image_size, channels=3, invert=False, mean=mean, std=std,
-                         rotations=False, **kwargs)
-        self.split_dir, self.resize_size, self.interpolation = split_dir, resize_size, interpolation
-        self.on_bad_image = on_bad_image
+        # the shared image options (``image_size``, ``split_dir``, ``interpolation``, ``mean``,
+        # ``on_bad_image``, ...) come through ``kwargs``
+        super().__init__(root=root, channels=3, invert=False, rotations=False, **kwargs)
+        self.resize_size = int(self.image_size * 1.15) if resize_size is None else resize_size
+        check_resize(self.interpolation, self.image_size, self.resize_size)
 
     def build_pools(self) -> dict[str, ClassPool]:
-        options = {"channels": 3, "image_size": self.image_size, "resize": self.interpolation,
-                   "resize_size": self.resize_size}
-        return cub_pools(load_cub(self.root, self.cache_dir, self.split_dir, options, self.on_bad_image))
+        return cub_pools(load_cub(self.root, self.cache_dir, self.split_dir, self.decode_options(), self.on_bad_image))
 
     def spec_extra(self) -> dict[str, Any]:
-        return {"resize": self.interpolation, "resize_size": self.resize_size}
+        return {"resize_size": self.resize_size}

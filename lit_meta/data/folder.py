@@ -22,7 +22,10 @@ import torch
 
 from lit_meta.data.base import SPLITS
 from lit_meta.data.cache import cache_file, cached, fingerprint
-from lit_meta.data.images import IMAGE_EXTENSIONS, ClassPool, ImageEpisodicDataModule, decode_image, preprocess_list
+from lit_meta.data.class_pools import ClassPool, split_pools
+from lit_meta.data.decoding import IMAGE_EXTENSIONS, decode_image
+from lit_meta.data.image_datamodule import ImageEpisodicDataModule
+from lit_meta.data.preprocessing import preprocess_list
 
 SPLIT_MODES = ("auto", "fraction", "folders")
 
@@ -53,8 +56,9 @@ class ImageFolderDataModule(ImageEpisodicDataModule):
         **kwargs: Any,
     ) -> None:
         # How the class folders split; the input pipeline (``image_size``, ``channels``,
-        # ``invert``, ``mean``, ``std``, ``rotations``), episode sizes and task stream are
-        # the base classes' keyword-only arguments, all of them options here.
+        # ``invert``, ``interpolation``, ``mean``, ``std``, ``rotations``), episode sizes and
+        # task stream are the base classes' keyword-only arguments, options here. The split is
+        # the folders' or seeded (no split files), and an unreadable image stops the build.
         if split not in SPLIT_MODES:
             raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
         for option, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -62,7 +66,7 @@ class ImageFolderDataModule(ImageEpisodicDataModule):
                 raise ValueError(f"{option} must be in [0, 1), got {value}")
         if val_fraction + test_fraction >= 1:
             raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
-        super().__init__(root=root, **kwargs)
+        super().__init__(root=root, split_dir=None, on_bad_image="stop", **kwargs)
         self.split, self.split_seed = split, split_seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
@@ -90,7 +94,7 @@ class ImageFolderDataModule(ImageEpisodicDataModule):
         splits = self.list_splits()
         stamps = [(s, c, f.name, f.stat().st_size, f.stat().st_mtime_ns)
                   for s in SPLITS for c, files in splits[s].items() for f in files]
-        key = fingerprint("folder", self.image_size, self.channels, self.invert, stamps)
+        key = fingerprint("folder", self.image_size, self.channels, self.invert, stamps, *self.resize_key())
         path = cache_file(self.root, self.cache_dir, f".lit_meta_folder_{self.image_size}px_{self.channels}c")
 
         def build() -> dict[str, Any]:
@@ -98,15 +102,14 @@ class ImageFolderDataModule(ImageEpisodicDataModule):
             for split in SPLITS:
                 classes = splits[split]
                 arrays = [decode_image(f, self.channels) for files in classes.values() for f in files]
-                data[split] = {"images": preprocess_list(arrays, self.image_size, self.invert)
+                data[split] = {"images": preprocess_list(arrays, self.image_size, self.invert, self.interpolation)
                                if arrays else torch.empty(0, self.channels, self.image_size, self.image_size,
                                                           dtype=torch.uint8),
                                "counts": torch.tensor([len(f) for f in classes.values()], dtype=torch.long),
                                "names": list(classes)}
             return data
 
-        data = cached(path, key, build)
-        return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
+        return split_pools(cached(path, key, build))
 
     def spec_extra(self) -> dict[str, Any]:
         return {"rotations": self.rotations}

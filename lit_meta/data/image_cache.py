@@ -1,7 +1,7 @@
 """Turning an original image source into a uint8 cache, one image at a time.
 
 Full-size sources (ImageNet, CUB) never sit in memory together: each image is decoded,
-preprocessed (:func:`lit_meta.data.images.preprocess`, the pipeline ``task_spec``
+preprocessed (:func:`lit_meta.data.preprocessing.preprocess`, the pipeline ``task_spec``
 records) and written to its slot.
 
 - An unreadable image stops the build with a one-line error naming it
@@ -33,7 +33,8 @@ from torch import Tensor
 
 from lit_meta.checkpoint import atomic_write
 from lit_meta.data.archives import TarSlice
-from lit_meta.data.images import decode_image, preprocess
+from lit_meta.data.decoding import decode_image
+from lit_meta.data.preprocessing import preprocess
 
 ON_BAD_IMAGE = ("stop", "skip")
 QUIET_BELOW = 2000  # images: smaller builds take seconds and show no progress

@@ -11,15 +11,20 @@ classes of 600 RGB images, 64 train / 16 val / 20 test classes, 84x84.
 
 Or, with ``imagenet_root``, it is built from the original source: an ILSVRC-2012 train
 folder (``<synset>/<synset>_<n>.JPEG`` or per-synset tars) and the shipped Ravi CSVs
-(or ``split_dir``), by the community tools' index rule (:mod:`lit_meta.data.imagenet`);
-the cache then goes under ``root``.
+(or ``split_dir``), read by :mod:`lit_meta.data.imagenet_train`; the cache (60,000 images,
+1.3 GB at 84x84, one tensor file written atomically) then goes under ``root``. Each row
+``<synset><8 digits>.jpg`` of the CSVs names the image at that **1-based position** of
+the synset's files in numerical order, the rule of the community tools
+(yaoyao-liu/mini-imagenet-tools, CloserLookFewShot's ``write_miniImagenet_filelist.py``;
+:func:`mini_from_imagenet`). Lexicographic order (torchvision's ``ImageFolder``) picks
+other files.
 
 Classes are ordered by name, images as the pickle's index lists or the CSV rows give
 them. They are converted once to a cached uint8 tensor file under ``root``; sampling
 normalizes per channel (``mean`` / ``std``, defaulting to the statistics of the
 miniImageNet training images used by the ProtoNet/FEAT code). Images of another size
 are resized with ``interpolation`` (default ``bilinear-antialias``; see
-:mod:`lit_meta.data.imagenet` for what the codebases used).
+:mod:`lit_meta.data.imagenet_train` for what the codebases used).
 """
 from __future__ import annotations
 
@@ -30,20 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from lit_meta.data.base import SPLITS
-from lit_meta.data.imagenet import mini_from_imagenet
-from lit_meta.data.splits import read_filename_label
 from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
-from lit_meta.data.image_cache import check_on_bad_image
-from lit_meta.data.images import (
-    RESIZE,
-    ClassPool,
-    ImageEpisodicDataModule,
-    check_resize,
-    decode_image,
-    preprocess,
-    preprocess_list,
-)
+from lit_meta.data.class_pools import ClassPool, split_pools
+from lit_meta.data.decoding import decode_image
+from lit_meta.data.image_cache import Source, decode_all, serves_run, stamp_digest
+from lit_meta.data.image_datamodule import ImageEpisodicDataModule
+from lit_meta.data.imagenet_train import ImageNetTrain
+from lit_meta.data.preprocessing import RESIZE, preprocess, preprocess_list
+from lit_meta.data.splits import SPLITS, read_filename_label, read_ravi, split_digest, split_files
 
 MEAN = (120.39586422 / 255, 115.59361427 / 255, 104.54012653 / 255)
 STD = (70.68188272 / 255, 68.27635443 / 255, 72.54505529 / 255)
@@ -97,28 +96,59 @@ def read_csv(path: Path, image_dir: Path, image_size: int, resize: str = RESIZE)
     return preprocess_list(arrays, image_size, resize=resize), torch.tensor([len(classes[n]) for n in names]), names
 
 
+def mini_from_imagenet(imagenet: str, root: Path, cache_dir: str | None, split_dir: str | None,
+                       options: dict[str, Any], on_bad_image: str) -> dict[str, Any]:
+    """The miniImageNet cache (``{split: {images, counts, names}}``, as the pickles' or CSVs' cache)
+    built from an ImageNet train folder by the Ravi CSVs' index rule."""
+    source = ImageNetTrain(imagenet)
+    files = split_files("miniimagenet", split_dir)
+    rows = {s: read_ravi(files[s]) for s in SPLITS}
+    wnids = sorted({w for s in SPLITS for w in rows[s]})
+    source.check(wnids, "miniImageNet")
+    listing = {w: source.files(w) for w in wnids}
+    key = fingerprint("miniimagenet-imagenet", options, split_digest(files),
+                      stamp_digest(s for w in wnids for s in listing[w].stamps).hexdigest())
+    root.mkdir(parents=True, exist_ok=True)
+    cache = cache_file(root, cache_dir, f"miniimagenet_imagenet_{options['image_size']}px")
+
+    def build() -> dict[str, Any]:
+        data: dict[str, Any] = {"skipped": []}
+        for split in SPLITS:
+            names = sorted(rows[split])
+            items: list[tuple[str, Source]] = []
+            classes = []
+            for k, wnid in enumerate(names):
+                available = listing[wnid]
+                for position in rows[split][wnid]:
+                    if position > len(available.sources):
+                        raise ValueError(f"{files[split]}: {wnid} position {position} is past the "
+                                         f"{len(available.sources)} images of {source.locate(wnid)}")
+                    items.append((available.names[position - 1], available.sources[position - 1]))
+                    classes.append(k)
+            images, counts, skipped = decode_all(items, classes, len(names), options, on_bad_image,
+                                                 f"building the miniImageNet {split} cache {cache.name}")
+            data[split] = {"images": images, "counts": counts, "names": names}
+            data["skipped"] += skipped
+        return data
+
+    return cached(cache, key, build, usable=lambda data: serves_run(data, on_bad_image))
+
+
 class MiniImageNetDataModule(ImageEpisodicDataModule):
     name = "miniimagenet"
+    default_mean, default_std = MEAN, STD
 
     def __init__(
         self,
         root: str = "data/miniimagenet",
         imagenet_root: str | None = None,
-        split_dir: str | None = None,
-        image_size: int = 84,
-        interpolation: str = RESIZE,
-        mean: list[float] | None = list(MEAN),
-        std: list[float] | None = list(STD),
-        on_bad_image: str = "stop",
         **kwargs: Any,
     ) -> None:
-        check_resize(interpolation, image_size, None)
-        check_on_bad_image(on_bad_image)
-        # miniImageNet's own defaults (84 px RGB, its channel statistics); everything else
-        # is the base classes' keyword-only arguments (``ways``, ``meta_batch_size``, ...).
-        super().__init__(root=root, image_size=image_size, channels=3, invert=False, mean=mean, std=std, **kwargs)
-        self.imagenet_root, self.split_dir = imagenet_root, split_dir
-        self.interpolation, self.on_bad_image = interpolation, on_bad_image
+        # RGB; everything else is the base classes' keyword-only arguments: the shared image
+        # options (``image_size``, ``split_dir``, ``interpolation``, ``mean``, ``on_bad_image``,
+        # ...), the episode sizes and the task stream (``ways``, ``meta_batch_size``, ...).
+        super().__init__(root=root, channels=3, invert=False, **kwargs)
+        self.imagenet_root = imagenet_root
 
     def find_layout(self) -> tuple[str, list[Path]]:
         self.check_root()
@@ -138,14 +168,11 @@ class MiniImageNetDataModule(ImageEpisodicDataModule):
 
     def build_pools(self) -> dict[str, ClassPool]:
         if self.imagenet_root is not None:
-            options = {"channels": 3, "image_size": self.image_size, "resize": self.interpolation, "resize_size": None}
-            data = mini_from_imagenet(self.imagenet_root, self.root, self.cache_dir, self.split_dir, options,
-                                      self.on_bad_image)
-            return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
+            data = mini_from_imagenet(self.imagenet_root, self.root, self.cache_dir, self.split_dir,
+                                      self.decode_options(), self.on_bad_image)
+            return split_pools(data)
         layout, files = self.find_layout()
-        # the default interpolation stays out of the key: caches built before it was an option stay valid
-        resize = () if self.interpolation == RESIZE else (self.interpolation,)
-        key = fingerprint("miniimagenet", self.image_size, layout, [file_stamp(p) for p in files], *resize)
+        key = fingerprint("miniimagenet", self.image_size, layout, [file_stamp(p) for p in files], *self.resize_key())
         path = cache_file(self.root, self.cache_dir, f"miniimagenet_{self.image_size}px")
 
         def build() -> dict[str, Any]:
@@ -158,8 +185,7 @@ class MiniImageNetDataModule(ImageEpisodicDataModule):
                 data[split] = {"images": images, "counts": counts, "names": names}
             return data
 
-        data = cached(path, key, build)
-        return {s: ClassPool(data[s]["images"], data[s]["counts"], list(data[s]["names"])) for s in SPLITS}
+        return split_pools(cached(path, key, build))
 
     def spec_extra(self) -> dict[str, Any]:
-        return {"rotations": self.rotations, "resize": self.interpolation}
+        return {"rotations": self.rotations}

@@ -43,7 +43,10 @@ import numpy as np
 import torch
 
 from lit_meta.data.cache import cache_file, cached, file_stamp, fingerprint
-from lit_meta.data.images import ClassPool, ImageEpisodicDataModule, decode_image, preprocess, preprocess_list
+from lit_meta.data.class_pools import ClassPool
+from lit_meta.data.decoding import decode_image
+from lit_meta.data.image_datamodule import ImageEpisodicDataModule
+from lit_meta.data.preprocessing import RESIZE, preprocess, preprocess_list
 
 HALVES = ("images_background", "images_evaluation")
 # The official release (github.com/brendenlake/omniglot, python/images_*.zip): characters per
@@ -152,17 +155,23 @@ def folder_stamps(characters: dict[str, list[str]]) -> list[tuple[str, str, int,
     return stamps
 
 
-def read_folder(half: Path, image_size: int,
-                characters: dict[str, list[str]] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _characters(arrays: list[np.ndarray], grouped: list[tuple[str, list[str]]], image_size: int,
+                resize: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The decoded images of ``grouped`` characters, in order -> (uint8 images, counts, character names)."""
+    return (preprocess_list(arrays, image_size, invert=True, resize=resize),
+            torch.tensor([len(files) for _, files in grouped]), [n for n, _ in grouped])
+
+
+def read_folder(half: Path, image_size: int, characters: dict[str, list[str]] | None = None,
+                resize: str = RESIZE) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """``half/<alphabet>/<character>/*.png`` -> (uint8 images, counts, character names)."""
     characters = list_folder(half) if characters is None else characters
     grouped = _group(characters, str(half))
     arrays = [decode_image(f, 1) for _, files in grouped for f in files]
-    return (preprocess_list(arrays, image_size, invert=True),
-            torch.tensor([len(files) for _, files in grouped]), [n for n, _ in grouped])
+    return _characters(arrays, grouped, image_size, resize)
 
 
-def read_zip(path: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def read_zip(path: Path, image_size: int, resize: str = RESIZE) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The official ``images_*.zip`` (``<half>/<alphabet>/<character>/*.png`` inside), read in place."""
     try:
         archive = zipfile.ZipFile(path)
@@ -191,11 +200,10 @@ def read_zip(path: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, l
                 except (zipfile.BadZipFile, OSError) as error:
                     raise ValueError(f"cannot read image {path}:{entry}: {error}") from None
                 arrays.append(decode_image(data, 1, name=f"{path}:{entry}"))
-    return (preprocess_list(arrays, image_size, invert=True),
-            torch.tensor([len(files) for _, files in grouped]), [n for n, _ in grouped])
+    return _characters(arrays, grouped, image_size, resize)
 
 
-def read_npz(path: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def read_npz(path: Path, image_size: int, resize: str = RESIZE) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """``images`` ``[characters, drawers, H, W]``: bool (True = paper) or uint8 gray levels (0/1 read as bool)."""
     try:
         with np.load(path) as pack:
@@ -215,7 +223,8 @@ def read_npz(path: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, l
         scale = np.uint8(1)
     chars, drawers, h, w = images.shape
     step = max(1, 2048 // drawers)
-    out = [preprocess((images[c:c + step] * scale).astype(np.uint8).reshape(-1, 1, h, w), image_size, invert=True)
+    out = [preprocess((images[c:c + step] * scale).astype(np.uint8).reshape(-1, 1, h, w), image_size, invert=True,
+                      resize=resize)
            for c in range(0, chars, step)]
     return torch.cat(out), torch.full((chars,), drawers), [f"{path.stem}/{c}" for c in range(chars)]
 
@@ -235,12 +244,13 @@ class OmniglotDataModule(ImageEpisodicDataModule):
         **kwargs: Any,
     ) -> None:
         # Omniglot's own options; the shared ones (``ways``, ``shots``, ``queries``,
-        # ``eval_*``, ``cache_dir``, ``eval_batch_size``, ``val_tasks``, ...) are the base
-        # classes' keyword-only arguments. Gray, ink inverted, no normalisation.
+        # ``eval_*``, ``cache_dir``, ``interpolation``, ``mean``, ``val_tasks``, ...) are the
+        # base classes' keyword-only arguments. Gray, ink inverted, no normalisation by default;
+        # no split files (the splits are seeded) and a bad PNG stops the build.
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        super().__init__(root=root, image_size=image_size, channels=1, invert=True, mean=None, std=None,
-                         rotations=rotations, meta_batch_size=meta_batch_size, **kwargs)
+        super().__init__(root=root, image_size=image_size, channels=1, invert=True, split_dir=None,
+                         on_bad_image="stop", rotations=rotations, meta_batch_size=meta_batch_size, **kwargs)
         self.split, self.split_seed, self.download = split, split_seed, download
 
     def spec_extra(self) -> dict[str, Any]:
@@ -286,13 +296,13 @@ class OmniglotDataModule(ImageEpisodicDataModule):
         # a folder is keyed on every file inside it (its own mtime changes only with its entries)
         key = fingerprint("omniglot", self.image_size,
                           [(h, layout, p.name, folder_stamps(folders[h])) if h in folders else (h, layout, *file_stamp(p))
-                           for h, (layout, p) in sorted(sources.items())])
+                           for h, (layout, p) in sorted(sources.items())], *self.resize_key())
         path = cache_file(self.root, self.cache_dir, f"omniglot_{self.image_size}px")
 
         def build() -> dict[str, Any]:
             readers = {"zip": read_zip, "npz": read_npz}
-            parts = [read_folder(sources[h][1], self.image_size, folders[h]) if h in folders
-                     else readers[sources[h][0]](sources[h][1], self.image_size) for h in HALVES]
+            parts = [read_folder(sources[h][1], self.image_size, folders[h], self.interpolation) if h in folders
+                     else readers[sources[h][0]](sources[h][1], self.image_size, self.interpolation) for h in HALVES]
             return {
                 "images": torch.cat([p[0] for p in parts]),
                 "counts": torch.cat([p[1] for p in parts]).long(),

@@ -20,6 +20,7 @@ import csv
 import hashlib
 import re
 from pathlib import Path
+from typing import Callable, TypeVar
 
 SPLITS = ("train", "val", "test")
 HERE = Path(__file__).resolve().parent
@@ -28,6 +29,9 @@ SHIPPED = {"miniimagenet": HERE / "miniimagenet" / "ravi", "tieredimagenet": HER
 SUFFIX = {"miniimagenet": ".csv", "tieredimagenet": ".csv", "cifar_fs": ".txt", "fc100": ".txt", "cub": ".txt"}
 _RAVI_FILE = re.compile(r"^(n\d{8})(\d{8})\.jpg$")
 _SYNSET = re.compile(r"^n\d{8}$")
+
+
+Row = TypeVar("Row")
 
 
 def split_files(dataset: str, split_dir: str | Path | None = None) -> dict[str, Path]:
@@ -70,45 +74,55 @@ def _no_duplicates(path: Path, names: list[str], lines: list[int]) -> None:
         seen[name] = line
 
 
+def check_disjoint(names: dict[str, list[str]], files: dict[str, Path], label: Callable[[str], str]) -> None:
+    """One line naming the first class (``label(name)``) that two splits' files both list."""
+    seen: dict[str, str] = {}
+    for split in SPLITS:
+        for name in names[split]:
+            if name in seen:
+                raise ValueError(f"split files: {label(name)} is in both {seen[name]} and {split} ({files[split]})")
+            seen[name] = split
+
+
+def _read_rows(path: Path, parse: Callable[[int, str], Row], name: Callable[[Row], str]) -> list[Row]:
+    """``parse(line number, text)`` of each line of a split file; one line naming the file if it lists
+    nothing, or naming the line of a class (``name(row)``) listed twice."""
+    lines = _lines(path)
+    rows = [parse(line, text) for line, text in lines]
+    if not rows:
+        raise ValueError(f"split file {path} lists no classes")
+    _no_duplicates(path, [name(r) for r in rows], [n for n, _ in lines])
+    return rows
+
+
 def read_class_list(path: Path) -> list[str]:
     """One class name per line (CIFAR-FS, CUB)."""
-    lines = _lines(path)
-    if not lines:
-        raise ValueError(f"split file {path} lists no classes")
-    names = [text for _, text in lines]
-    _no_duplicates(path, names, [n for n, _ in lines])
-    return names
+    return _read_rows(path, lambda line, text: text, lambda name: name)
+
+
+def _fc100_row(path: Path, line: int, text: str) -> tuple[int, str, int, str]:
+    parts = text.split()
+    if len(parts) != 4 or not parts[0].isdigit() or not parts[2].isdigit():
+        raise ValueError(f"{path}:{line}: expected '<coarse id> <coarse name> <fine id> <fine name>', got {text!r}")
+    return int(parts[0]), parts[1], int(parts[2]), parts[3]
 
 
 def read_fc100(path: Path) -> list[tuple[int, str, int, str]]:
     """``(coarse id, coarse name, fine id, fine name)`` per line."""
-    rows, numbers = [], []
-    for line, text in _lines(path):
-        numbers.append(line)
-        parts = text.split()
-        if len(parts) != 4 or not parts[0].isdigit() or not parts[2].isdigit():
-            raise ValueError(f"{path}:{line}: expected '<coarse id> <coarse name> <fine id> <fine name>', got {text!r}")
-        rows.append((int(parts[0]), parts[1], int(parts[2]), parts[3]))
-    if not rows:
-        raise ValueError(f"split file {path} lists no classes")
-    _no_duplicates(path, [r[3] for r in rows], numbers)
-    return rows
+    return _read_rows(path, lambda line, text: _fc100_row(path, line, text), lambda row: row[3])
+
+
+def _tiered_row(path: Path, line: int, text: str) -> tuple[str, str]:
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(_SYNSET.match(p) for p in parts):
+        raise ValueError(f"{path}:{line}: expected '<synset>,<category synset>' (e.g. n01530575,n01524359), "
+                         f"got {text!r}")
+    return parts[0], parts[1]
 
 
 def read_tiered(path: Path) -> list[tuple[str, str]]:
     """``(synset, category synset)`` per line."""
-    rows, numbers = [], []
-    for line, text in _lines(path):
-        numbers.append(line)
-        parts = [p.strip() for p in text.split(",")]
-        if len(parts) != 2 or not all(_SYNSET.match(p) for p in parts):
-            raise ValueError(f"{path}:{line}: expected '<synset>,<category synset>' (e.g. n01530575,n01524359), "
-                             f"got {text!r}")
-        rows.append((parts[0], parts[1]))
-    if not rows:
-        raise ValueError(f"split file {path} lists no classes")
-    _no_duplicates(path, [r[0] for r in rows], numbers)
-    return rows
+    return _read_rows(path, lambda line, text: _tiered_row(path, line, text), lambda row: row[0])
 
 
 def read_filename_label(path: Path) -> list[tuple[int, str, str]]:
