@@ -15,7 +15,9 @@ example sums them; ours and the other peers average, and the meta-gradients must
 - Reptile (not in higher's examples): the same context with the inner optimizer
   ``Adam(β1=0)`` and ``track_higher_grads=False``; θ − mean θ' goes to SGD at ``meta_lr``,
   as ours. higher copies the inner optimizer's (empty) state per context, so each task
-  starts a fresh Adam, as ours does.
+  starts a fresh Adam, as ours does. One difference is higher's: its ``DifferentiableAdam``
+  adds ε before the bias correction (PyTorch's Adam before 1.0), an effective
+  ε·sqrt(1 − β2^t) in ours' terms, which for gradients near 3e-7 moves the update.
 
 higher is an optional extra (``bash benchmarks/install_peers.sh higher``).
 """
@@ -31,6 +33,8 @@ from torch import Tensor
 from lit_meta.bench.case import Case
 from lit_meta.bench.peers import PeerStep, grads_of, meta_batches, reptile_meta_step, weights_of
 from lit_meta.tasks import TaskBatch
+
+ADAM_EPS = 1e-8  # Reptile's inner Adam: torch.optim.Adam's default, ours (lit_meta.update_rules.Adam)
 
 
 def build_higher(case: Case, net: torch.nn.Module, images: Tensor, seed: int = 1,
@@ -50,7 +54,7 @@ def build_higher(case: Case, net: torch.nn.Module, images: Tensor, seed: int = 1
 
     if reptile:
         meta_opt = torch.optim.SGD(params, lr=case.meta_lr)
-        adam = torch.optim.Adam(params, lr=case.inner_lr, betas=(0.0, 0.999))
+        adam = torch.optim.Adam(params, lr=case.inner_lr, betas=(0.0, 0.999), eps=ADAM_EPS)
 
         def reptile_step() -> None:
             batch = draw()
