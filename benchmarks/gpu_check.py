@@ -25,9 +25,12 @@ Parts, and the keys of the summary:
 - ``rehearsal``: every algorithm's meta-steps and evaluation on the ``meta`` device
   (``lit_meta.rehearsal``): no host-made tensor copied in, no device value read.
 - ``tests``: ``pytest -m gpu`` (the tests marked ``gpu``): passed / failed / errors / skipped.
-- ``speed``: ``benchmarks/speed.py --device cuda --compare learn2learn`` per case, one
-  entry each with ``ours_tasks_per_s``, ``baseline_tasks_per_s``, ``ratio`` and both
-  sides' ``*_peak_mem_mb``: second-order MAML, FOMAML and Reptile (5 inner Adam steps) on
+- ``speed``: ``benchmarks/speed.py --device cuda --compare PEER ...`` per case beside every
+  torch peer that imports (learn2learn, higher, torchopt, parallel_metalearn: ``setup``
+  checks; JAX is CPU-only), one entry each with learn2learn's ``ours_tasks_per_s``,
+  ``baseline_tasks_per_s``, ``ratio`` and both sides' ``*_peak_mem_mb``, and ``peers``: per
+  peer its ``ratio``, ``baseline_tasks_per_s``, ``baseline_peak_mem_mb`` or ``absent`` with
+  the reason (not importing, or a case it cannot run): second-order MAML, FOMAML and Reptile (5 inner Adam steps) on
   Omniglot 5-way 1-shot (conv4/64, meta-batch 32, random images of Omniglot's shape), and
   second-order MAML on a miniImageNet-shaped task (3x84x84, conv4/32 with max-pool, 5 inner
   steps, meta-batch 4, 15 queries). Without learn2learn the baseline is skipped and said so.
@@ -103,6 +106,11 @@ COMPILE_CASES = (("cudagraphs", "reptile"), ("cudagraphs", "fomaml"), ("cudagrap
                  ("default", "reptile"), ("reduce-overhead", "eval"))
 SMOKE_COMPILE_CASES = (("aot_eager", "reptile"), ("aot_eager", "fomaml"), ("aot_eager", "eval"))
 COMPILE_CASE_S = 25  # what one more case needs at least; with less left the rest are skipped
+# speed.py's peers that run on a GPU (peer -> the module it imports as); JAX is CPU-only here
+TORCH_PEERS = {"learn2learn": "learn2learn", "higher": "higher", "torchopt": "torchopt",
+               "parallel_metalearn": "metalearn"}
+PEER_KEYS = ("peer_version", "baseline_tasks_per_s", "ratio", "baseline_peak_mem_mb", "baseline_step_s_median",
+             "absent")
 
 
 # ----------------------------------------------------------------------------- speed cases
@@ -206,8 +214,8 @@ class Runner:
             out["wheels"] = [w.name for w in wheels]
         self.env["PYTHONPATH"] = os.pathsep.join(paths + ([self.env["PYTHONPATH"]] if self.env.get("PYTHONPATH")
                                                           else []))
-        for package in ("jsonargparse", "learn2learn"):
-            ok, detail = module_imports(package, self.env)
+        for package, module in (("jsonargparse", "jsonargparse"), *TORCH_PEERS.items()):
+            ok, detail = module_imports(module, self.env)
             self.optional[package] = detail if ok else {"error": detail}
         out["imports"] = dict(self.optional)
         return out
@@ -236,8 +244,11 @@ class Runner:
             return out
 
     def speed(self) -> list[dict[str, Any]]:
-        l2l = self.optional.get("learn2learn")
-        baseline = "learn2learn" if isinstance(l2l, str) else "none"
+        """speed.py per case beside every torch peer that imports; the learn2learn row's
+        figures at the entry's top level (as before the other peers), every peer's in ``peers``."""
+        importing = [p for p in TORCH_PEERS if isinstance(self.optional.get(p), str)]
+        missing = {p: self.optional.get(p, {}).get("error", "not checked") if isinstance(self.optional.get(p), dict)
+                   else "not checked" for p in TORCH_PEERS if p not in importing}
         part_end = time.monotonic() + self.budget("speed")
         cases = speed_cases(self.args.cpu_smoke)
         entries = []
@@ -245,19 +256,22 @@ class Runner:
             # the part's time in equal shares of what is left, so the last case gets its turn
             share = max(5.0, (part_end - time.monotonic()) / (len(cases) - index))
             cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), *flags, "--device", self.device,
-                   "--compare", baseline]
+                   "--compare", *(importing or ["none"])]
             code, output, seconds = self.run(cmd, share)
             entry: dict[str, Any] = {"case": name, "seconds": round(seconds, 1)}
-            row = last_json_line(output)
-            if code == 0 and row is not None:
+            rows = json_lines(output)
+            if code == 0 and rows:
+                l2l = next((r for r in rows if r.get("peer") == "learn2learn"), rows[0])
                 keep = ("ours_tasks_per_s", "baseline_tasks_per_s", "ratio", "ours_peak_mem_mb",
                         "baseline_peak_mem_mb", "ours_step_s_median", "baseline_step_s_median", "algorithm",
                         "dataset", "meta_batch_size", "inner_steps", "queries", "first_order", "learn2learn", "data")
-                entry.update({k: row.get(k) for k in keep})
+                entry.update({k: l2l.get(k) for k in keep})
                 entry.setdefault("ratio", None)
-                if baseline == "none":
-                    why = l2l["error"] if isinstance(l2l, dict) else "not checked"
-                    entry["baseline"] = f"learn2learn does not import ({why}): ours only"
+                if "learn2learn" not in importing:
+                    entry["ratio"] = entry["baseline_tasks_per_s"] = entry["baseline_peak_mem_mb"] = None
+                    entry["baseline"] = f"learn2learn does not import ({missing['learn2learn']}): ours only"
+                entry["peers"] = {r["peer"]: {k: r[k] for k in PEER_KEYS if k in r} for r in rows if r.get("peer")}
+                entry["peers"].update({p: {"absent": f"{p} does not import ({why})"} for p, why in missing.items()})
             else:
                 entry["error"] = "timed out" if code is None else last_error_line(output)
             entries.append(entry)
@@ -298,14 +312,15 @@ def junit_counts(xml: str) -> dict[str, int]:
     return {"passed": total - failed - errors - skipped, "failed": failed, "errors": errors, "skipped": skipped}
 
 
-def last_json_line(output: str) -> dict[str, Any] | None:
-    for line in reversed(output.strip().splitlines()):
+def json_lines(output: str) -> list[dict[str, Any]]:
+    rows = []
+    for line in output.strip().splitlines():
         if line.startswith("{"):
             try:
-                return json.loads(line)
+                rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-    return None
+    return rows
 
 
 def last_error_line(output: str) -> str:

@@ -8,7 +8,10 @@
 #   learn2learn 0.2.0 (the speed baseline), which has no wheel: built here for CPython
 #     3.12 from its sdist (benchmarks/install_learn2learn.sh --wheel), plus what
 #     `import learn2learn` needs beyond that machine's packages: gym and gym-notices
-#     (qpth, cvxpy, gsutil are never imported by what we use).
+#     (qpth, cvxpy, gsutil are never imported by what we use);
+#   the torch peers of speed.py --compare: higher 0.2.1, parallel_metalearn 0.5.6 and
+#     torchopt 0.7.3 (py3-none-any for 3.12: its Python ops only) with torchopt's optree
+#     (a cp312 wheel) and graphviz. JAX is a CPU-only peer and is not carried.
 # Output, both git-ignored, both named in the device call's `carry`:
 #   .whl/                 the wheels, each py3-none-any or cp312, one version of each
 #   .gpu_data/omniglot/   the two Omniglot npz packs (5.7 MB), copied from OMNIGLOT_DIR
@@ -24,11 +27,17 @@ OMNIGLOT="${1:-../shared/data/omniglot}"
 # Versions tested with lit_meta (CI's environment); pure Python, so one file serves 3.12.
 PURE=(jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 gym-notices==0.1.0)
 GYM=gym==0.26.2  # an sdist only: built into a py3-none-any wheel here
+# The torch peers (benchmarks/install_peers.sh's versions); optree has compiled cp312 wheels.
+PEERS=(higher==0.2.1 parallel_metalearn==0.5.6 torchopt==0.7.3 optree==0.20.0 graphviz==0.21)
 
 rm -rf "$WHEELS" && mkdir -p "$WHEELS"
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation py \
     -d "$WHEELS" "${PURE[@]}"
 python3 -m pip wheel --quiet --no-deps -w "$WHEELS" "$GYM"
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d "$WHEELS" "${PEERS[@]}" \
+    || echo "gpu_wheels: the torch peers' wheels did not download: gpu_check.py reports them absent" >&2
 
 is_312() { "$1" -c "import sys; sys.exit(sys.version_info[:2] != (3, 12))" >/dev/null 2>&1; }
 py312=""

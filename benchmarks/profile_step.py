@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     case = case_from_args(args)
     if case.device != "cpu":
         raise SystemExit(f"--device {args.device}: this profile reads CPU self time; use the CPU")
-    sides = ["ours", "learn2learn"] if args.compare == "learn2learn" else ["ours"]
+    # the torch profiler sees torch's operators only: JAX's step would show as one opaque call
+    sides = ["ours", *(p for p in args.compare if p not in ("none", "jax"))]
     for name, step in build_sides(case, sides).steps.items():
         result = profile_side(step, args.warmup, args.steps)
         print(json.dumps({"side": name, "algorithm": case.algorithm, "meta_batch_size": case.meta_batch_size,

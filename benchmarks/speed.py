@@ -41,41 +41,56 @@ from typing import Any
 import torch
 
 from lit_meta.bench.case import Case, add_case_arguments, case_from_args
-from lit_meta.bench.learn2learn_baseline import import_learn2learn
 from lit_meta.bench.measure import add_timing_arguments, measure_case
+from lit_meta.bench.peers import PeerAbsent, peer_version
 
 
-def compare(case: Case, args: argparse.Namespace, memory: bool) -> dict[str, Any]:
-    """One JSON row: both sides' tasks/s and median step, the ratio, peak memory, the case."""
-    sides, l2l_version = ["ours"], None
-    if args.compare == "learn2learn":
-        l2l_version = import_learn2learn().__version__
-        sides.append("learn2learn")
-    result = measure_case(case, sides, steps=args.steps, warmup=args.warmup, memory=memory,
+def compare(case: Case, args: argparse.Namespace, memory: bool) -> list[dict[str, Any]]:
+    """One JSON row per peer asked for (one for ours alone with ``--compare none``): both
+    sides' tasks/s and median step, the ratio, peak memory, the case; a peer that is not
+    installed or cannot run the case, ``absent`` with the reason."""
+    peers = [p for p in args.compare if p != "none"]
+    versions: dict[str, str] = {}
+    absent: dict[str, str] = {}
+    for peer in peers:
+        try:
+            versions[peer] = peer_version(peer)
+        except PeerAbsent as why:
+            absent[peer] = str(why)
+    result = measure_case(case, ["ours", *versions], steps=args.steps, warmup=args.warmup, memory=memory,
                           memory_steps=args.memory_steps, threads=torch.get_num_threads())
-    named = {"ours": result["ours"], "baseline": result.get("learn2learn")}
-    row: dict[str, Any] = {}
-    for prefix, r in named.items():
-        if r is not None:
-            row[f"{prefix}_tasks_per_s"] = r["tasks_per_s"]
-            row[f"{prefix}_step_s_median"] = r["seconds_per_step"]
-    if named["baseline"] is not None:
-        row["ratio"] = row["ours_tasks_per_s"] / row["baseline_tasks_per_s"]
-    for prefix, r in named.items():
-        if r is not None and r["peak_mem_mb"] is not None:
-            row[f"{prefix}_peak_mem_mb"] = r["peak_mem_mb"]
+    ours = result["ours"]
     device = torch.device(case.device)
-    row.update(
+    fields = dict(
         algorithm=case.algorithm, dataset=case.dataset, ways=case.ways, shots=case.shots, queries=case.queries,
         meta_batch_size=case.meta_batch_size, inner_steps=case.inner_steps, task_chunk_size=case.task_chunk_size,
         first_order=case.is_first_order, steps=args.steps, warmup=args.warmup, device=str(device),
-        threads=torch.get_num_threads(), torch=torch.__version__, learn2learn=l2l_version,
-        data=result["ours"]["data"], baseline_sampler=case.baseline_sampler if l2l_version else None,
+        threads=torch.get_num_threads(), torch=torch.__version__, data=ours["data"],
         memory=("cuda max_memory_allocated above step start" if device.type == "cuda"
                 else "peak RSS above pre-training RSS, one subprocess per side" if memory else None),
         date=date.today().isoformat(),
     )
-    return row
+    rows = []
+    for peer in peers or [None]:
+        theirs = result.get(peer, {"absent": absent.get(peer)}) if peer else None
+        row: dict[str, Any] = {"peer": peer, "peer_version": versions.get(peer)}
+        if theirs is not None and "absent" in theirs:
+            row["absent"] = absent.get(peer) or theirs["absent"]
+            theirs = None
+        row.update(ours_tasks_per_s=ours["tasks_per_s"], ours_step_s_median=ours["seconds_per_step"])
+        if theirs is not None:
+            row.update(baseline_tasks_per_s=theirs["tasks_per_s"], baseline_step_s_median=theirs["seconds_per_step"],
+                       ratio=ours["tasks_per_s"] / theirs["tasks_per_s"])
+            if "compile_s" in theirs["info"]:
+                row["baseline_compile_s"] = theirs["info"]["compile_s"]
+        if ours["peak_mem_mb"] is not None:
+            row["ours_peak_mem_mb"] = ours["peak_mem_mb"]
+        if theirs is not None and theirs["peak_mem_mb"] is not None:
+            row["baseline_peak_mem_mb"] = theirs["peak_mem_mb"]
+        row.update(fields, learn2learn=versions.get("learn2learn") if peer == "learn2learn" else None,
+                   baseline_sampler=case.baseline_sampler if peer == "learn2learn" and theirs else None)
+        rows.append(row)
+    return rows
 
 
 def scaling(case: Case, args: argparse.Namespace) -> None:
@@ -83,9 +98,10 @@ def scaling(case: Case, args: argparse.Namespace) -> None:
         for batch in (4, 8, 16, 32, 64):
             point = argparse.Namespace(**vars(args))
             if not args.scaling_baseline:
-                point.compare = "none"
-            row = compare(dataclasses.replace(case, meta_batch_size=batch, inner_steps=inner), point, memory=False)
-            print(json.dumps(row), flush=True)
+                point.compare = ["none"]
+            for row in compare(dataclasses.replace(case, meta_batch_size=batch, inner_steps=inner), point,
+                               memory=False):
+                print(json.dumps(row), flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,15 +131,18 @@ def main(argv: list[str] | None = None) -> None:
         if args.scaling:
             scaling(case, args)
             return
-        row = compare(case, args, memory=args.memory)
+        rows = compare(case, args, memory=args.memory)
     except (ImportError, ValueError) as error:
         raise SystemExit(f"speed.py: {error}") from None
-    print(json.dumps(row), flush=True)
+    for row in rows:
+        print(json.dumps(row), flush=True)
     if args.short:
-        keys = ("ours_tasks_per_s",) + (("baseline_tasks_per_s", "ratio") if args.compare != "none" else ())
-        ok = all(math.isfinite(row.get(k, float("nan"))) and row[k] > 0 for k in keys)
-        if not ok:
-            raise SystemExit("speed.py --short: a side did not run or the ratio is not a positive number")
+        for row in rows:
+            keys = ("ours_tasks_per_s",) + (("baseline_tasks_per_s", "ratio") if row["peer"] and "absent" not in row
+                                            else ())
+            if not all(math.isfinite(row.get(k, float("nan"))) and row[k] > 0 for k in keys):
+                raise SystemExit(f"speed.py --short: {row['peer'] or 'ours'} did not run or its ratio is not "
+                                 "a positive number")
 
 
 if __name__ == "__main__":

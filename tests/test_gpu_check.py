@@ -72,6 +72,11 @@ def test_smoke_speed_has_each_case_and_the_baseline_when_it_imports(smoke):
         assert {"ratio", "ours_peak_mem_mb", "baseline_peak_mem_mb"} <= set(entry)
         # without learn2learn: ours alone, and the entry says why (not a ratio of zero)
         assert (entry["ratio"] > 0) if l2l else (entry["ratio"] is None and "does not import" in entry["baseline"])
+        # every torch peer has its row or says why it is absent (parallel_metalearn: no Reptile)
+        assert set(entry["peers"]) == set(gpu_check.TORCH_PEERS), entry["peers"]
+        for peer, row in entry["peers"].items():
+            assert ("absent" in row) != (row.get("ratio", 0) > 0), (peer, row)
+    assert "absent" in cases["reptile_omniglot_5w1s"]["peers"]["parallel_metalearn"]
     assert cases["maml_miniimagenet_shaped_5w1s"]["dataset"] == "miniimagenet"
     assert cases["reptile_omniglot_5w1s"]["algorithm"] == "reptile"
 

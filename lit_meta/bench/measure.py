@@ -1,8 +1,11 @@
 """Timing and peak memory of meta-steps, for any :class:`~lit_meta.bench.case.Case`.
 
-Sides: ``"ours"`` (lit_meta, :func:`~lit_meta.bench.case.build_ours`) and
-``"learn2learn"`` (:mod:`lit_meta.bench.learn2learn_baseline`). :func:`build_sides` builds
-the sides asked for from one data build and the same initial weights.
+Sides: ``"ours"`` (lit_meta, :func:`~lit_meta.bench.case.build_ours`) and the peers of
+:mod:`lit_meta.bench.peers` (``learn2learn``, ``higher``, ``torchopt``, ``parallel_metalearn``,
+``jax``). :func:`build_sides` builds the sides asked for from one data build and the same
+initial weights; a peer that cannot run the case is left out with its reason (``absent``).
+When timing, JAX runs in a child process pinned to the thread count
+(:func:`~lit_meta.bench.jax_baseline.spawn_jax`: XLA's threads cannot be set otherwise).
 
 Time (:func:`timed`, :func:`time_interleaved`): wall clock (``perf_counter``) around one
 step, on CUDA with a ``synchronize`` before the clock is read. Several sides alternate
@@ -30,39 +33,42 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-import lit_meta
 from lit_meta.algorithms.base import MetaLearner
 from lit_meta.bench.case import Case, CaseData, build_data, build_ours
-from lit_meta.bench.learn2learn_baseline import build_learn2learn
+from lit_meta.bench.peers import PEERS, PeerAbsent, build_peer, subprocess_env
 
-SIDES = ("ours", "learn2learn")
+SIDES = ("ours", *PEERS)
 Step = Callable[[], None]
 
 
 @dataclass
 class CaseSides:
-    """A case built for measuring: the step of each side asked for, the data they share
-    and our model (whose initial weights learn2learn's copy starts from)."""
+    """A case built for measuring: the step of each side asked for, the data they share,
+    our model (whose initial weights the peers' copies start from), the peers that cannot
+    run it (``absent``: side -> one-line reason) and what a side reports beside its timing
+    (``info``: JAX's ``compile_s``)."""
 
     steps: dict[str, Step]
     data: CaseData
     model: MetaLearner
+    absent: dict[str, str] = field(default_factory=dict)
+    info: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def build_sides(case: Case, sides: Iterable[str] = ("ours",)) -> CaseSides:
-    """The steps of ``sides`` for ``case``: one data build, the same initial weights."""
+def build_sides(case: Case, sides: Iterable[str] = ("ours",), threads: int | None = None) -> CaseSides:
+    """The steps of ``sides`` for ``case``: one data build, the same initial weights. With
+    ``threads`` (timing) JAX runs in a child process on that many CPUs, else in this one."""
     sides = list(sides)
     unknown = [s for s in sides if s not in SIDES]
     if unknown:
@@ -73,9 +79,20 @@ def build_sides(case: Case, sides: Iterable[str] = ("ours",)) -> CaseSides:
     steps: dict[str, Step] = {}
     if "ours" in sides:
         steps["ours"] = ours
-    if "learn2learn" in sides:
-        steps["learn2learn"] = build_learn2learn(case, model.net, data.images)
-    return CaseSides(steps, data, model)
+    built = CaseSides(steps, data, model)
+    for peer in (s for s in sides if s != "ours"):
+        try:
+            if peer == "jax" and threads:
+                from lit_meta.bench.jax_baseline import spawn_jax
+
+                steps[peer] = spawn_jax(case, model.net, threads)
+            else:
+                steps[peer] = build_peer(peer, case, model.net, data.images)
+        except PeerAbsent as why:
+            built.absent[peer] = str(why)
+            continue
+        built.info[peer] = dict(getattr(steps[peer], "info", {}))
+    return built
 
 
 # ----------------------------------------------------------------------------- time
@@ -149,9 +166,7 @@ def peak_memory_mb(case: Case, side: str = "ours", steps: int = 3, threads: int 
     """``side``'s peak extra memory over ``steps`` steps, in MB, in a fresh subprocess that
     imports this same lit_meta and runs ``threads`` torch threads (default: this process's)."""
     threads = threads or torch.get_num_threads()
-    env = dict(os.environ)
-    source = str(Path(lit_meta.__file__).resolve().parents[1])  # the child measures this same code
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
+    env = subprocess_env()  # the child measures this same code
     cmd = [sys.executable, "-m", "lit_meta.bench.measure", json.dumps(case.to_dict()), side, str(steps), str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -165,12 +180,13 @@ def measure_case(case: Case, sides: Sequence[str] = ("ours",), steps: int = 10, 
                  memory: bool = True, memory_steps: int = 3, threads: int | None = None) -> dict[str, dict[str, Any]]:
     """Per side: ``seconds`` (each timed step), ``seconds_per_step`` (their median),
     ``tasks_per_s`` (meta-batch x steps / total seconds), ``peak_mem_mb`` (CUDA: from the
-    timed steps; CPU: :func:`peak_memory_mb` when ``memory``, else None) and ``data`` (where
-    the tasks came from)."""
+    timed steps; CPU: :func:`peak_memory_mb` when ``memory``, else None), ``data`` (where
+    the tasks came from) and ``info`` (JAX: ``compile_s``); a peer that cannot run the case,
+    ``{"absent": reason}``."""
     device = torch.device(case.device)
-    built = build_sides(case, sides)
+    built = build_sides(case, sides, threads=threads or torch.get_num_threads())
     result = time_interleaved(built.steps, steps, warmup, device)
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, dict[str, Any]] = {side: {"absent": why} for side, why in built.absent.items()}
     for side, r in result.items():
         if device.type == "cuda":
             peak = r["peak_mem_mb"]
@@ -178,7 +194,7 @@ def measure_case(case: Case, sides: Sequence[str] = ("ours",), steps: int = 10, 
             peak = peak_memory_mb(case, side, memory_steps, threads) if memory else None
         out[side] = {"seconds": r["seconds"], "seconds_per_step": median(r["seconds"]),
                      "tasks_per_s": case.meta_batch_size * steps / sum(r["seconds"]), "peak_mem_mb": peak,
-                     "data": built.data.source}
+                     "data": built.data.source, "info": built.info.get(side, {})}
     return out
 
 
@@ -187,13 +203,18 @@ def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--compare", choices=("learn2learn", "none"), default="learn2learn")
+    parser.add_argument("--compare", nargs="+", choices=("none", *PEERS), default=["learn2learn"], metavar="PEER",
+                        help=f"the peers timed beside ours, any of {', '.join(PEERS)}; or none (ours alone)")
 
 
 def main(argv: list[str] | None = None) -> None:
     """The subprocess of :func:`peak_memory_mb`: ``CASE_JSON SIDE STEPS THREADS`` -> one JSON line."""
     case_json, side, steps, threads = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(int(threads))
+    if side == "jax":  # XLA's threads: the CPUs this process may use, set before jax starts
+        from lit_meta.bench.jax_baseline import pin_threads
+
+        pin_threads(int(threads))
     peak = peak_memory_here(Case.from_dict(json.loads(case_json)), side, int(steps))
     print(json.dumps({"side": side, "peak_mem_mb": peak}), flush=True)
 
