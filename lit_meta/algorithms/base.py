@@ -77,7 +77,8 @@ class MetaLearner(MetaModule):
     Hooks an algorithm may override (MAML overrides none but ``algorithm_name``); each gets
     the episode's ``ctx`` (:class:`~lit_meta.episode.EpisodeContext`) where it may depend on it:
 
-    - what adapts: ``adapt_names()`` (ANIL: the head), ``inner_params()``;
+    - what adapts: ``fixed_adapt`` (ANIL: ``"head"``, BOIL: ``"body"``: the only ``adapt`` scope
+      the algorithm takes), ``adapt_names()``, ``inner_params()``;
     - how it adapts: ``update_rule(ctx)`` (Meta-SGD, MAML++, Reptile, Meta-LSTM),
       ``initial_rule_state(ctx)`` (Reptile: the inner Adam state carried across
       meta-steps), ``first_order_at(ctx)`` (MAML++: derivative-order annealing, from the
@@ -103,7 +104,6 @@ class MetaLearner(MetaModule):
     No algorithm overrides a Lightning hook or a private method.
     """
 
-    # an algorithm that is a fixed adapt scope (ANIL: head, BOIL: body) names it; any other is refused
     fixed_adapt: str | None = None
 
     def __init__(
