@@ -42,10 +42,12 @@ def smoke(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_smoke_has_every_part_within_two_minutes(smoke):
+def test_smoke_has_every_part_within_two_and_a_half_minutes(smoke):
     assert {"setup", "device", "rehearsal", "tests", "speed", "fit", "compile"} <= set(smoke)
     assert smoke["mode"] == "cpu-smoke" and smoke["device"]["torch"] == torch.__version__
-    assert smoke["wall_s"] < 120, smoke["wall_s"]
+    # 2.5 minutes: the speed part runs the four torch peers beside learn2learn on one of its cases
+    # (measured 124-130 s on an idle 2-core AMD machine, 2026-12-03)
+    assert smoke["wall_s"] < 150, smoke["wall_s"]
     tests = smoke["tests"]
     assert all(isinstance(tests[k], int) for k in ("passed", "failed", "errors", "skipped"))
     assert tests["failed"] == tests["errors"] == 0 and tests["skipped"] >= 1  # the gpu tests, skipped on a CPU
@@ -76,7 +78,9 @@ def test_smoke_speed_has_each_case_and_the_baseline_when_it_imports(smoke):
         assert set(entry["peers"]) == set(gpu_check.TORCH_PEERS), entry["peers"]
         for peer, row in entry["peers"].items():
             assert ("absent" in row) != (row.get("ratio", 0) > 0), (peer, row)
-    assert "absent" in cases["reptile_omniglot_5w1s"]["peers"]["parallel_metalearn"]
+    for name in gpu_check.SMOKE_PEER_CASES:  # where the smoke runs them, every importing peer has its figure
+        for peer, row in cases[name]["peers"].items():
+            assert isinstance(smoke["setup"]["imports"].get(peer), str) == ("absent" not in row), (name, peer, row)
     assert cases["maml_miniimagenet_shaped_5w1s"]["dataset"] == "miniimagenet"
     assert cases["reptile_omniglot_5w1s"]["algorithm"] == "reptile"
 

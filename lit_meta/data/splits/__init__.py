@@ -22,7 +22,8 @@ import re
 from pathlib import Path
 from typing import Callable, TypeVar
 
-SPLITS = ("train", "val", "test")
+from lit_meta.data.base import SPLITS  # the episode splits every DataModule serves
+
 HERE = Path(__file__).resolve().parent
 SHIPPED = {"miniimagenet": HERE / "miniimagenet" / "ravi", "tieredimagenet": HERE / "tieredimagenet",
            "cifar_fs": HERE / "cifar_fs", "fc100": HERE / "fc100", "cub": HERE / "cub"}
