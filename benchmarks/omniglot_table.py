@@ -81,8 +81,8 @@ def max_time(minutes: float) -> str:
 
 def command(name: str, args: argparse.Namespace) -> list[str]:
     config, extra, speed = RUNS[name]
-    steps_per_epoch = {"maml_5w1s": 1000, "fomaml_5w1s": 1000, "protonet_5w1s": 1000, "r2d2_5w1s": 1000,
-                       "boil_5w1s": 1000}.get(config, 500)
+    # the config's own validation interval (configs/omniglot/protocol.yaml: 1000), as a cap
+    steps_per_epoch = {"mamlpp_5w1s": 500, "metalstm_5w1s": 600, "quick_5w1s": 500}.get(config, 1000)
     every = max(1, min(steps_per_epoch, round(speed * args.budget_minutes * 60 / max(args.validations, 1))))
     return [
         sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "omniglot" / f"{config}.yaml"),

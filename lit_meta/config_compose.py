@@ -44,6 +44,9 @@ def expand_config_args(argv: list[str]) -> list[str]:
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if arg == f"--{KEY}" or arg.startswith(f"--{KEY}="):  # else the parser would take it and do nothing
+            raise ValueError(f"--{KEY}: only a config file names the files it builds on "
+                             f"(write `{KEY}: [...]` in it, or pass each file with --config)")
         if arg in ("--config", "-c") and i + 1 < len(argv):
             value, i = argv[i + 1], i + 2
         elif arg.startswith("--config="):
@@ -55,7 +58,7 @@ def expand_config_args(argv: list[str]) -> list[str]:
         files = composition(value)
         for path in files:
             out += ["--config", path]
-        if len(files) > 1 or read_parts(Path(value)) is not None:
+        if len(files) > 1:
             out += [f"--{KEY}", "null"]
     return out
 
@@ -64,7 +67,10 @@ def composition(value: str) -> list[str]:
     """The files ``--config value`` stands for, in the order they apply (``value`` last); a value
     that is no file (a YAML string, say) is itself."""
     path = Path(value)
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return [value]
+    except (OSError, ValueError):  # a YAML string too long or odd for a file name
         return [value]
     order: list[Path] = []
     visit(path, order, stack=[])

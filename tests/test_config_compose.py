@@ -107,3 +107,13 @@ def test_a_shipped_config_states_nothing_its_parts_already_say(path: Path):
         inherited.update(own_settings(Path(part)))
     repeated = {k: v for k, v in own_settings(path).items() if k in inherited and inherited[k] == v}
     assert not repeated, f"{path.name} repeats {sorted('.'.join(k) for k in repeated)}"
+
+
+def test_compose_on_the_command_line_is_refused_and_a_yaml_string_config_passes_through():
+    with pytest.raises(ValueError, match=r"--compose: only a config file names the files it builds on"):
+        expand_config_args(["--compose", "[configs/omniglot/maml_5w1s.yaml]"])
+    # a config given as a YAML string, too long for a file name: passed on for LightningCLI to read
+    inline = "{seed_everything: 3, model: {init_args: {inner_lr: 0.25, inner_steps: " + "1" * 300 + "}}}"
+    assert expand_config_args(["--config", inline]) == ["--config", inline]
+    assert expand_config_args(["--config", "{seed_everything: 3}"]) == ["--config", "{seed_everything: 3}"]
+    assert printed("--config", "{seed_everything: 3}")["seed_everything"] == 3
