@@ -1,7 +1,7 @@
 """One prepared GPU check: everything only a GPU can show, in one short run.
 
     python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json      # on a CUDA machine, <= 7 min
-    python  benchmarks/gpu_check.py --cpu-smoke                    # the same parts, tiny, on the CPU (< 2.5 min)
+    python  benchmarks/gpu_check.py --cpu-smoke                    # the same parts, tiny, on the CPU (< 3 min)
 
 Runs from the source tree against the machine's own torch (no ``pip install -e .``): it
 installs the wheels of ``.whl/`` (``benchmarks/gpu_wheels.sh``: jsonargparse,

@@ -42,12 +42,12 @@ def smoke(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_smoke_has_every_part_within_two_and_a_half_minutes(smoke):
+def test_smoke_has_every_part_within_three_minutes(smoke):
     assert {"setup", "device", "rehearsal", "tests", "speed", "fit", "compile"} <= set(smoke)
     assert smoke["mode"] == "cpu-smoke" and smoke["device"]["torch"] == torch.__version__
-    # 2.5 minutes: the speed part runs the four torch peers beside learn2learn on one of its cases
-    # (measured 124-130 s on an idle 2-core AMD machine, 2026-12-03)
-    assert smoke["wall_s"] < 150, smoke["wall_s"]
+    # 3 minutes: the speed part runs the four torch peers beside learn2learn on one of its cases
+    # (measured 124-130 s on an idle 2-core AMD machine, 2026-12-03; Intel machines run ~1.15x longer)
+    assert smoke["wall_s"] < 180, smoke["wall_s"]
     tests = smoke["tests"]
     assert all(isinstance(tests[k], int) for k in ("passed", "failed", "errors", "skipped"))
     assert tests["failed"] == tests["errors"] == 0 and tests["skipped"] >= 1  # the gpu tests, skipped on a CPU
