@@ -86,8 +86,11 @@ def innermost_frame(stack: traceback.StackSummary | list[traceback.FrameSummary]
             and Path(f.filename).name not in GUARD_FILES]
     if ours:
         return where(ours[-1])
+    # else the innermost frame outside torch, the guards and the warnings machinery that
+    # reported it (on CUDA a sync arrives as a warning): e.g. Lightning's loop line
     outside = [f for f in frames if "/torch/" not in f.filename.replace("\\", "/")
-               and not (Path(f.filename).name in GUARD_FILES and Path(f.filename).resolve().is_relative_to(PACKAGE))]
+               and not (Path(f.filename).name in GUARD_FILES and Path(f.filename).resolve().is_relative_to(PACKAGE))
+               and f.filename != warnings.__file__]
     return where(outside[-1]) if outside else "an unknown place"
 
 
@@ -263,7 +266,8 @@ class SyncWindow(pl.Callback):
         previous_mode, previous_show = torch.cuda.get_sync_debug_mode(), warnings.showwarning
 
         def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
-            if "synchroniz" in str(message):
+            # (the mode's own notice that it is a prototype is no sync)
+            if "synchroniz" in str(message) and "prototype feature" not in str(message):
                 self._record(str(message).splitlines()[0][:120], traceback.extract_stack())
             else:
                 previous_show(message, category, *args, **kwargs)

@@ -172,6 +172,45 @@ def test_training_steps_convert_no_tensor_to_a_python_value(name, omni_npz, tmp_
     assert trainer.global_step == 4
 
 
+@pytest.mark.parametrize("bar", [False, True])
+def test_logged_training_values_are_read_once_on_their_logging_step(bar, monkeypatch, tmp_path):
+    """Lightning turns every prog_bar value into a number at each batch end while it stays
+    logged: a device tensor logged on step 4 was read on steps 5, 6, 7 too (a sync a step on a
+    GPU). Without a bar no value is logged for one (Lightning converts none); with one, the bar
+    shows the logging step's values (host copies: that they are copies is seen on a GPU only)."""
+    from pytorch_lightning.trainer.connectors.logger_connector import result
+
+    converted: list[tuple[int, list[torch.Tensor]]] = []
+    original = result.convert_tensors_to_scalars
+
+    def spy(value):
+        converted.append((trainer.global_step, [value] if isinstance(value, torch.Tensor) else []))
+        return original(value)
+
+    monkeypatch.setattr(result, "convert_tensors_to_scalars", spy)
+    dm = SineDataModule(meta_batch_size=4)
+    model = MAML(task_spec=dm.task_spec)
+    logged: dict[int, float] = {}
+    step = model.outer_update
+
+    def outer_update(batch, ctx=None):
+        out = step(batch, ctx)
+        logged[trainer.global_step] = float(out["final_query_loss"].mean())
+        return out
+
+    model.outer_update = outer_update
+    trainer = pl.Trainer(max_steps=8, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=bar, log_every_n_steps=5, inference_mode=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    if not bar:
+        assert converted == []
+        assert trainer.callback_metrics["train/mse"].item() == pytest.approx(logged[5], rel=1e-6)
+    else:
+        assert converted and all(t.device.type == "cpu" and t.grad_fn is None for _, ts in converted for t in ts)
+        assert trainer.progress_bar_metrics["train/mse"] == pytest.approx(logged[5], rel=1e-6)
+
+
 def test_a_training_step_that_reads_a_value_is_caught(tmp_path):
     dm = SineDataModule(meta_batch_size=4)
     model = MAML(task_spec=dm.task_spec)

@@ -11,6 +11,8 @@ fails every evaluation.
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -89,3 +91,24 @@ def test_a_read_on_a_step_that_logs_nothing_is_reported_with_its_line(tmp_path):
     assert bad["hook"] == "training_step" and bad["what"] == ".item() of a tensor"
     # the innermost lit_meta line that led to it (the test's own lambda is outside lit_meta)
     assert bad["where"].startswith("lit_meta/") and bad["steps"] == [0, 1, 3, 4, 6, 7]
+
+
+def test_a_sync_reported_as_a_warning_is_placed_at_the_line_that_made_it_not_in_warnings():
+    """On CUDA torch reports a sync as a warning, so the recorded stack ends in the warnings
+    module; outside lit_meta (Lightning's loop) the place is the innermost line that warned."""
+    import traceback
+    import warnings
+
+    from lit_meta.sync_guard import innermost_frame
+
+    stacks = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        previous = warnings.showwarning
+        warnings.showwarning = lambda *a, **k: stacks.append(traceback.extract_stack()[:-1])  # less this frame
+        try:
+            warnings.warn("called a synchronizing CUDA operation")
+            line = sys._getframe().f_lineno - 1
+        finally:
+            warnings.showwarning = previous
+    assert innermost_frame(stacks[0]).startswith(f"tests/test_rehearsal.py:{line} in "), innermost_frame(stacks[0])

@@ -241,6 +241,7 @@ STATE_ALLOWED = {
     "_standalone_optimizer": "the meta-optimizer without a Trainer, made on first use",
     "_fit_started": "the wall clock of fit (train/wall_s)",
     "_elapsed_before": "the wall clock of fit before a resume, from the checkpoint",
+    "_pending_train_values": "a logging step's values, from training_step to the bar's host copy at the batch's end",
 }
 
 

@@ -360,11 +360,12 @@ class MetaLearner(MetaModule):
         if self.logging_step():
             metric = "mse" if self.regression else "loss"
             if "final_query_loss" in out:
-                self.log(f"train/{metric}", out["final_query_loss"].mean(), prog_bar=True)
+                values = {f"train/{metric}": out["final_query_loss"].mean()}
                 if not self.regression:
-                    self.log("train/acc", out["query_acc"].mean(), prog_bar=True)
+                    values["train/acc"] = out["query_acc"].mean()
             else:  # no query pass (Reptile): the support loss after the last inner step but one
-                self.log(f"train/support_{metric}", out["final_support_loss"].mean(), prog_bar=True)
+                values = {f"train/support_{metric}": out["final_support_loss"].mean()}
+            self.log_training_values(values)
         self.step_lr_schedule()
 
     def begin_evaluation(self, split: str) -> None:

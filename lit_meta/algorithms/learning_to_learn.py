@@ -170,7 +170,8 @@ class LearningToLearn(MetaModule):
 
     def training_step(self, batch: OptimizeeBatch, batch_idx: int) -> None:
         out = self.outer_update(batch)
-        self.log("train/loss", out["meta_loss"].detach().mean() / self.inner_steps, prog_bar=True)
+        if self.logging_step():
+            self.log_training_values({"train/loss": out["meta_loss"].detach().mean() / self.inner_steps})
         self.step_lr_schedule()
 
     def divergence_cause(self, step: int, batch: Any = None) -> str:

@@ -73,6 +73,7 @@ class MetaModule(pl.LightningModule):
         self._fit_started: float | None = None
         self._elapsed_before = 0.0  # seconds of fit before a resume (from the checkpoint)
         self.val_history: list[dict[str, float]] = []  # one entry per validation of this fit
+        self._pending_train_values: dict[str, Tensor] | None = None  # for the bar, at the batch's end
 
     # ------------------------------------------------------------------ what subclasses provide
     @property
@@ -174,6 +175,31 @@ class MetaModule(pl.LightningModule):
         trainer = attached_trainer(self)
         return trainer is not None and lightning_logs_this_step(trainer)
 
+    def log_training_values(self, values: dict[str, Tensor]) -> None:
+        """Log a logging step's training values (0-dim device tensors) from ``training_step``.
+
+        Never as ``prog_bar`` values there: Lightning turns every ``prog_bar`` value into a
+        Python number at *every* batch end while it stays logged (``_ResultCollection.metrics``),
+        so a device tensor logged for the bar on one step was read on the host on each following
+        step, a sync a step (seen on an H200 by gpu_check's sync check, 2026-12-04: steps 5-8
+        after the logging step 4). The logger reads them on their logging step, and callbacks
+        see them in ``callback_metrics`` as before. A progress bar, when there is one, gets host
+        copies made in ``on_train_batch_end`` (one copy, where the divergence counters are read
+        anyway), so the bar's later reads wait for nothing."""
+        for name, value in values.items():
+            self.log(name, value)
+        trainer = attached_trainer(self)
+        if trainer is not None and trainer.progress_bar_callback is not None:
+            self._pending_train_values = {name: value.detach() for name, value in values.items()}
+
+    def log_values_for_the_bar(self) -> None:
+        values, self._pending_train_values = self._pending_train_values, None
+        if not values:
+            return
+        host = torch.stack([value.float() for value in values.values()]).cpu()
+        for name, value in zip(values, host):
+            self.log(name, value, prog_bar=True, logger=False)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # the precision plugin calls this after unscaling fp16 gradients: the one place to clip
         self.meta_step.clip(self)
@@ -184,6 +210,7 @@ class MetaModule(pl.LightningModule):
         # a divergence's cause is found by replaying this step's batch
         if self.logging_step():
             self.meta_step.guard.check(self, batch)
+        self.log_values_for_the_bar()
 
     def on_train_end(self) -> None:
         self.meta_step.guard.check(self)
