@@ -9,6 +9,11 @@ ms per step, the convolution kernels' self time per step (``mkldnn_convolution``
 ``convolution_backward`` and the ``convolution`` wrappers' own time), the share of that
 in the step, and the ten operators with the most self time.
 
+``--count-ops``: instead, the ATen operators one step dispatches, per side (a
+``TorchDispatchMode`` around one step after the warm-up: forward, inner gradients, backward,
+optimizer), the total and the most frequent. On a GPU where each operator is a kernel launch
+and the kernels are small, the step's time follows this count (docs/RESULTS.md, "GPU figures").
+
 Shapes are not recorded: with ``record_shapes=True`` our vmapped step profiled 4.4x
 slower (1159 vs 261 ms, elementwise operators most), learn2learn's 2.1x, so the
 per-shape times would mislead.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from typing import Any, Callable
 
 import torch
@@ -48,10 +54,31 @@ def profile_side(step: Callable[[], None], warmup: int, steps: int) -> dict[str,
             "top_self_ms": {key: round(ms, 1) for key, ms in top}}
 
 
+def count_ops(step: Callable[[], None], warmup: int, top: int = 12) -> dict[str, Any]:
+    """The ATen operators one call of ``step`` dispatches: their number and the ``top`` most frequent."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counting(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.counts: Counter[str] = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    for _ in range(warmup):
+        step()
+    with Counting() as mode:
+        step()
+    return {"ops": sum(mode.counts.values()), "most_frequent": dict(mode.counts.most_common(top))}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_case_arguments(p)
     add_timing_arguments(p)
+    p.add_argument("--count-ops", action="store_true", help="count the ATen operators of one step instead of timing")
     return p.parse_args(argv)
 
 
@@ -65,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     # the torch profiler sees torch's operators only: JAX's step would show as one opaque call
     sides = ["ours", *(p for p in args.compare if p not in ("none", "jax"))]
     for name, step in build_sides(case, sides).steps.items():
-        result = profile_side(step, args.warmup, args.steps)
+        result = count_ops(step, args.warmup) if args.count_ops else profile_side(step, args.warmup, args.steps)
         print(json.dumps({"side": name, "algorithm": case.algorithm, "meta_batch_size": case.meta_batch_size,
                           "inner_steps": case.inner_steps, "threads": torch.get_num_threads(), **result}))
 
