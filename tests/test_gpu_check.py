@@ -107,6 +107,11 @@ def test_smoke_compile_captures_one_graph_per_path_and_matches_eager(smoke):
     for case in compiled.values():
         assert "error" not in case, case
         assert case["graphs"] == 1 and case["max_abs_diff"] <= 1e-5 and case["ms_per_call"] > 0
+    # the captured second-order step: off CUDA the same static-buffer step runs uncaptured, equal to a twin's
+    [graphed] = [c for c in smoke["compile"]["cases"] if c["mode"] == "cuda_graph"]
+    assert "error" not in graphed, graphed
+    assert graphed["path"] == "maml2" and graphed["graphs"] == 0 and graphed["max_abs_diff"] == 0.0
+    assert graphed["ms_per_call"] > 0
 
 
 def test_the_parts_limits_fit_the_deadline():
