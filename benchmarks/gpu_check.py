@@ -1,6 +1,6 @@
 """One prepared GPU check: everything only a GPU can show, in one short run.
 
-    python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json      # on a CUDA machine, <= 8 min
+    python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json      # on a CUDA machine, <= 8 min 20 s
     python  benchmarks/gpu_check.py --cpu-smoke                    # the same parts, tiny, on the CPU (< 3 min)
 
 Runs from the source tree against the machine's own torch (no ``pip install -e .``): it
@@ -11,7 +11,7 @@ repository on ``PYTHONPATH`` for its parts. No network. Without a CUDA device (a
 ``--cpu-smoke``) it stops at once with one line.
 
 Time: every part has its own limit (:data:`LIMITS`, seconds on a GPU), and they add up to
-at most the deadline (:data:`DEADLINE`, 8 minutes from the check's start, the wheels'
+at most the deadline (:data:`DEADLINE`, 8 min 20 s from the check's start, the wheels'
 install included), so each part gets its whole limit even when the ones before it use all
 of theirs; a part that fails or runs out of time reports an ``error`` and the others still
 run. The one-line JSON summary is printed (and written to ``--out``) whatever failed:
@@ -38,7 +38,7 @@ Parts, and the keys of the summary:
   ``float32_matmul_precision("high")``, and ``bf16-mixed``), two fits of
   ``configs/omniglot/maml_5w1s.yaml``:
 
-  - the sync check: ``--sync-steps`` steps logging every 5 and validating after step 10
+  - the sync check: ``--sync-steps`` steps with a progress bar, logging every 5 and validating after step 10
     under ``torch.cuda.set_sync_debug_mode("warn")`` (``lit_meta.sync_guard.SyncWindow``):
     ``sync_check`` lists the steps, logging steps and validations covered, the hooks
     called, and every sync with its innermost lit_meta line, split into those a logging
@@ -52,22 +52,25 @@ Parts, and the keys of the summary:
   Data: the real Omniglot packs from ``.gpu_data/omniglot`` (``gpu_wheels.sh`` copies them
   there) when present, else a synthetic pool of Omniglot's shape (``val_acc`` is then
   meaningless).
-- ``compile``: first, second-order MAML's whole eager step captured as one CUDA graph and
-  replayed (``lit_meta.bench.graphed_step``, path ``maml2``, mode ``cuda_graph``: ``graphs`` 1
-  when captured, ``max_abs_diff`` against 4 eager steps of a twin); then ``compile_tasks``
+- ``compile``: ``compile_tasks``
   (``lit_meta/compile.py``, ``fullgraph=True``) against eager
   on the same batch for the capturable paths (Reptile's inner loop, first-order MAML,
   evaluation), in :data:`COMPILE_CASES`' order until the part's time is spent (the rest
   ``"skipped": "time"``): ms per call, compile seconds, the largest difference from eager,
   the speed-up, and ``graphs``: the graphs Dynamo captured (Dynamo is reset before each
   case, so each is compiled afresh; 0 would mean it ran eagerly and its speed-up is not one).
+- ``graph``: second-order MAML's whole eager step captured as one CUDA graph and replayed
+  against the eager step (``lit_meta.bench.graphed_step``; path ``maml2``, mode ``cuda_graph``:
+  ``graphs`` 1 when captured, ``compile_s`` the warm-up and capture, ``max_abs_diff`` of the first
+  parameter against 4 eager steps of a twin). Last and in its own process: a failed capture can
+  leave the CUDA context unusable.
 
 The next session with a GPU makes exactly this device call (``run``), after
 ``bash benchmarks/gpu_wheels.sh`` here (it fills the git-ignored ``.whl`` and ``.gpu_data``):
 
     command: "PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json --log $OUT/parts.log 2>&1 | tee $OUT/gpu_check.log"
     carry:   [".whl", ".gpu_data"]
-    timeout_s: 540
+    timeout_s: 560
 
 and copies the summary into docs/RESULTS.md ("GPU figures").
 """
@@ -97,22 +100,25 @@ GPU_COMPILE_MODES = ("cudagraphs", "reduce-overhead", "default")
 COMPILE_PATHS = ("reptile", "fomaml", "eval")
 
 # Seconds: each part's own limit on a GPU; they add up to at most the deadline, which counts
-# from the check's start (the wheels' install included): 8 minutes of the lease. Set from the
+# from the check's start (the wheels' install included): 8 min 20 s of the lease. Set from the
 # first H200 run (2026-12-04, docs/RESULTS.md "GPU figures"): setup 30 s; the rehearsal did 7 of
-# its 22 cases in 20 s (all 22 take 12 s on a 2-core CPU here); pytest -m gpu ran out of 60 s; the four speed cases, run apart at 10 + 2
+# its 22 cases in 20 s (at that rate all 22 need ~63 s); pytest -m gpu ran out of 60 s; the four speed cases, run apart at 10 + 2
 # steps, took 41 / 27 / 54 / 26 s; the fit 96 s at 30 s of training per precision (now 20);
-# compile 57 s (now with a captured second-order step first: 75).
-LIMITS = {"setup": 30, "rehearsal": 55, "tests": 65, "speed": 165, "fit": 85, "compile": 75}
-DEADLINE = 480
-SMOKE_LIMITS = {"setup": 30, "rehearsal": 30, "tests": 60, "speed": 100, "fit": 120, "compile": 60}
-SMOKE_DEADLINE = 420
+# compile 57 s; the captured second-order step (its own part, last: a failed capture can leave
+# the CUDA context unusable, so it runs in its own process after the others) ~15 s.
+LIMITS = {"setup": 30, "rehearsal": 70, "tests": 65, "speed": 165, "fit": 85, "compile": 55, "graph": 25}
+DEADLINE = 500
+SMOKE_LIMITS = {"setup": 30, "rehearsal": 30, "tests": 60, "speed": 100, "fit": 120, "compile": 60, "graph": 30}
+SMOKE_DEADLINE = 450
 # (mode, path) in the order they are compiled until the compile part's time is spent: the quick
 # CUDA-graph captures first, then Inductor where it is cheapest (evaluation has no backward)
-COMPILE_CASES = (("cuda_graph", "maml2"), ("cudagraphs", "reptile"), ("cudagraphs", "fomaml"), ("cudagraphs", "eval"), ("default", "eval"),
+COMPILE_CASES = (("cudagraphs", "reptile"), ("cudagraphs", "fomaml"), ("cudagraphs", "eval"), ("default", "eval"),
                  ("reduce-overhead", "reptile"), ("default", "fomaml"), ("reduce-overhead", "fomaml"),
                  ("default", "reptile"), ("reduce-overhead", "eval"))
-SMOKE_COMPILE_CASES = (("cuda_graph", "maml2"), ("aot_eager", "reptile"), ("aot_eager", "fomaml"), ("aot_eager", "eval"))
+SMOKE_COMPILE_CASES = (("aot_eager", "reptile"), ("aot_eager", "fomaml"), ("aot_eager", "eval"))
+GRAPH_CASES = (("cuda_graph", "maml2"),)  # the graph part: second-order MAML's step as one CUDA graph
 COMPILE_CASE_S = 25  # what one more case needs at least; with less left the rest are skipped
+GRAPH_CASE_S = 8  # the same for the captured step (3 warm-up steps, a capture, 22 replays: ~1 s)
 # speed.py's peers that run on a GPU (peer -> the module it imports as); JAX is CPU-only here
 TORCH_PEERS = {"learn2learn": "learn2learn", "higher": "higher", "torchopt": "torchopt",
                "parallel_metalearn": "metalearn"}
@@ -309,8 +315,8 @@ class Runner:
         out["seconds"] = round(seconds, 1)
         return out
 
-    def compile(self) -> dict[str, Any]:
-        lines, error, seconds = self.worker("compile", self.budget("compile"))
+    def compile(self, part: str = "compile") -> dict[str, Any]:
+        lines, error, seconds = self.worker(part, self.budget(part))
         out: dict[str, Any] = {"cases": lines, "seconds": round(seconds, 1)}
         if error:
             out["error"] = error
@@ -409,7 +415,8 @@ def main_parent(args: argparse.Namespace) -> dict[str, Any]:
                                "deadline_s": runner.deadline, "limits_s": dict(runner.limits)}
     parts: dict[str, Callable[[], Any]] = {"setup": runner.setup, "device": device_info,
                                            "rehearsal": runner.rehearsal, "tests": runner.tests,
-                                           "speed": runner.speed, "fit": runner.fit, "compile": runner.compile}
+                                           "speed": runner.speed, "fit": runner.fit, "compile": runner.compile,
+                                           "graph": lambda: runner.compile("graph")}
     for name, part in parts.items():
         if name in args.skip:
             summary[name] = {"skipped": "--skip"}
@@ -470,9 +477,11 @@ def sync_check(args: argparse.Namespace, precision: str, root: Path, tmp: Path) 
 
     steps = args.sync_steps
     # one step more than the window, so that it closes before the fit's end (whose last progress
-    # line and divergence-counter read are the end of training, not a step's)
+    # line and divergence-counter read are the end of training, not a step's); with a progress bar,
+    # whose values must be host copies (MetaModule.log_training_values: a CPU test cannot tell)
     cli = fit_cli(args, precision, root, tmp, [
-        "--trainer.max_steps", str(steps + 1), "--trainer.log_every_n_steps", "5", "--data.init_args.steps_per_epoch",
+        "--trainer.max_steps", str(steps + 1), "--trainer.enable_progress_bar", "true",
+        "--trainer.log_every_n_steps", "5", "--data.init_args.steps_per_epoch",
         "10", "--data.init_args.val_tasks", "8" if args.cpu_smoke else "20"])
     window = SyncWindow(steps, cuda=args.device == "cuda")
     cli.trainer.callbacks.append(window)
@@ -579,8 +588,9 @@ def worker_rehearsal(args: argparse.Namespace) -> None:
 
 
 def worker_compile(args: argparse.Namespace) -> None:
-    """Each (mode, path) of :data:`COMPILE_CASES`, eager first, on one fixed batch, Dynamo reset
-    before each case; cases that no longer fit the part's time are reported skipped."""
+    """Each (mode, path) of :data:`COMPILE_CASES` (the graph part: :data:`GRAPH_CASES`), eager
+    first, on one fixed batch, Dynamo reset before each case; cases that no longer fit the part's
+    time are reported skipped."""
     from lit_meta.algorithms import MAML, Reptile
     from lit_meta.bench.graphed_step import GraphedStep
     from lit_meta.episode import run_tasks
@@ -628,7 +638,7 @@ def worker_compile(args: argparse.Namespace) -> None:
         synchronize(args.device)
         return 1000 * (time.perf_counter() - begin) / calls
 
-    cases = SMOKE_COMPILE_CASES if smoke else COMPILE_CASES
+    cases = GRAPH_CASES if args.worker == "graph" else SMOKE_COMPILE_CASES if smoke else COMPILE_CASES
     eager: dict[str, tuple[torch.Tensor, float]] = {}
     for path in dict.fromkeys(p for _, p in cases):  # eager first: the reference values and times
         m = model(path, None)
@@ -638,7 +648,7 @@ def worker_compile(args: argparse.Namespace) -> None:
         emit(args.result, {"path": path, "mode": "eager", "ms_per_call": round(eager[path][1], 3)})
     for mode, path in cases:
         record: dict[str, Any] = {"path": path, "mode": mode}
-        if end - time.monotonic() < (5 if smoke else COMPILE_CASE_S):
+        if end - time.monotonic() < (5 if smoke else GRAPH_CASE_S if args.worker == "graph" else COMPILE_CASE_S):
             emit(args.result, {**record, "skipped": "time"})
             continue
         try:
@@ -680,14 +690,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="also write the JSON summary to this file")
     p.add_argument("--log", help="append every part's own output to this file")
     p.add_argument("--cpu-smoke", action="store_true", help="the same code paths with tiny sizes on the CPU")
-    p.add_argument("--skip", nargs="*", default=[], choices=("rehearsal", "tests", "speed", "fit", "compile"))
+    p.add_argument("--skip", nargs="*", default=[], choices=("rehearsal", "tests", "speed", "fit", "compile",
+                                                                            "graph"))
     p.add_argument("--deadline", type=float, default=DEADLINE, help="seconds all parts share (GPU)")
     p.add_argument("--fit-steps", type=int, default=None, help="most timed-fit steps per precision (GPU 4000, smoke 8)")
     p.add_argument("--fit-seconds", type=float, default=None, help="most timed training seconds per precision")
     p.add_argument("--fit-warmup", type=int, default=None, help="untimed steps first (GPU 100, smoke 3)")
     p.add_argument("--sync-steps", type=int, default=None, help="steps of the sync check (GPU 12, smoke 12)")
     p.add_argument("--verbose", action="store_true", help="copy the parts' output to stderr")
-    p.add_argument("--worker", choices=("fit", "compile", "rehearsal"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("fit", "compile", "graph", "rehearsal"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, default=60.0, help=argparse.SUPPRESS)  # a worker's time
@@ -703,7 +714,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        {"fit": worker_fit, "compile": worker_compile, "rehearsal": worker_rehearsal}[args.worker](args)
+        {"fit": worker_fit, "compile": worker_compile, "graph": worker_compile,
+         "rehearsal": worker_rehearsal}[args.worker](args)
         return
     summary = main_parent(args)
     line = json.dumps(summary)

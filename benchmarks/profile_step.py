@@ -56,14 +56,14 @@ def profile_side(step: Callable[[], None], warmup: int, steps: int) -> dict[str,
 
 def count_ops(step: Callable[[], None], warmup: int, top: int = 12) -> dict[str, Any]:
     """The ATen operators one call of ``step`` dispatches: their number and the ``top`` most frequent."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from lit_meta.internals import TorchDispatchMode
 
     class Counting(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
             self.counts: Counter[str] = Counter()
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
             self.counts[str(func.overloadpacket)] += 1
             return func(*args, **(kwargs or {}))
 

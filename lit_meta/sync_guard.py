@@ -90,8 +90,14 @@ def innermost_frame(stack: traceback.StackSummary | list[traceback.FrameSummary]
     # reported it (on CUDA a sync arrives as a warning): e.g. Lightning's loop line
     outside = [f for f in frames if "/torch/" not in f.filename.replace("\\", "/")
                and not (Path(f.filename).name in GUARD_FILES and Path(f.filename).resolve().is_relative_to(PACKAGE))
-               and f.filename != warnings.__file__]
+               and not _warnings_machinery(f)]
     return where(outside[-1]) if outside else "an unknown place"
+
+
+def _warnings_machinery(frame: traceback.FrameSummary) -> bool:
+    """A frame of the standard library's warnings module (``_py_warnings.py`` from Python 3.14)."""
+    path = Path(frame.filename)
+    return path.name in ("warnings.py", "_py_warnings.py") and path.parent == Path(warnings.__file__).parent
 
 
 def _caller_allowed() -> bool:

@@ -32,3 +32,13 @@ def test_capture_off_cuda_is_a_one_line_error():
     model = MAML(task_spec=dm.task_spec, meta_batch_size=2)
     with pytest.raises(ValueError, match="capture needs the batch and the model on a CUDA device"):
         GraphedStep(model, dm.train_batch(0), capture=True)
+
+
+def test_a_step_it_would_not_capture_faithfully_is_refused_by_name():
+    dm = SineDataModule(meta_batch_size=4)
+    chunked = MAML(task_spec=dm.task_spec, meta_batch_size=4, task_chunk_size=2)
+    with pytest.raises(ValueError, match="task_chunk_size=2"):
+        GraphedStep(chunked, dm.train_batch(0), capture=False)
+    sgd = MAML(task_spec=dm.task_spec, meta_batch_size=4, meta_optimizer="sgd")
+    with pytest.raises(ValueError, match="meta_optimizer 'sgd'"):
+        GraphedStep(sgd, dm.train_batch(0), capture=False)

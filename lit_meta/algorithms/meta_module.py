@@ -193,6 +193,8 @@ class MetaModule(pl.LightningModule):
             self._pending_train_values = {name: value.detach() for name, value in values.items()}
 
     def log_values_for_the_bar(self) -> None:
+        """``on_train_batch_end``: the progress bar's host copies of this logging step's values
+        (one copy for all of them), when ``log_training_values`` kept any."""
         values, self._pending_train_values = self._pending_train_values, None
         if not values:
             return

@@ -11,8 +11,9 @@ host sync and copies no host tensor in (``lit_meta.rehearsal``), which capture r
 What this is for: ``benchmarks/gpu_check.py`` (its compile part, path ``maml2``) measures the
 replay against the eager step on one fixed batch, so the next GPU session can say whether a
 graphed training mode is worth building. It is not one: what the eager step reads on the host
-each step is frozen at capture (the step index in the guard's counters, an inner mini-batch
-schedule drawn on the host), and the guard's counters do not accumulate across replays.
+each step is frozen at capture (the step index in the guard's counters), the guard's counters do
+not accumulate across replays, and only the unchunked step with an Adam meta-optimizer and no
+inner mini-batches (whose schedule is drawn on the host each step) is taken.
 
 Off CUDA (``capture=False``) the same static-buffer step runs eagerly, so the plumbing is
 tested on the CPU (``tests/test_graphed_step.py``).
@@ -36,6 +37,13 @@ class GraphedStep:
         self.capture = batch.support_x.is_cuda if capture is None else capture
         if self.capture and not batch.support_x.is_cuda:
             raise ValueError("GraphedStep: capture needs the batch and the model on a CUDA device")
+        # what the step below is: MetaLearner.outer_update's unchunked path with an Adam meta-optimizer
+        if model.meta_optimizer_name != "adam":
+            raise ValueError(f"GraphedStep: meta_optimizer {model.meta_optimizer_name!r}: only adam is captured")
+        if model.task_chunk_size is not None and model.task_chunk_size < batch.num_tasks:
+            raise ValueError(f"GraphedStep: task_chunk_size={model.task_chunk_size}: only the unchunked step is captured")
+        if model.inner_batch_size_of(model.context(True, batch)) is not None:
+            raise ValueError("GraphedStep: inner mini-batches draw their schedule on the host each step; not captured")
         self.static = TaskBatch(*(t.clone() for t in (batch.support_x, batch.support_y, batch.query_x,
                                                       batch.query_y)))
         # capturable: Adam keeps its step count on the device and never reads it on the host
@@ -54,6 +62,7 @@ class GraphedStep:
             self._step()
 
     def _step(self) -> None:
+        """``outer_update`` on the static batch, with this object's (capturable) Adam."""
         model, batch = self.model, self.static
         ctx = model.context(True, batch)
         out = run_tasks(model, batch, ctx, model.inner_steps, model.first_order_at(ctx))
