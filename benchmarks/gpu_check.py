@@ -102,8 +102,9 @@ COMPILE_PATHS = ("reptile", "fomaml", "eval")
 # Seconds: each part's own limit on a GPU; they add up to at most the deadline, which counts
 # from the check's start (the wheels' install included): 8 min 20 s of the lease. Set from the
 # first H200 run (2026-12-04, docs/RESULTS.md "GPU figures"): setup 30 s; the rehearsal did 7 of
-# its 22 cases in 20 s (at that rate all 22 need ~63 s); pytest -m gpu ran out of 60 s; the four speed cases, run apart at 10 + 2
-# steps, took 41 / 27 / 54 / 26 s; the fit 96 s at 30 s of training per precision (now 20);
+# its 22 cases in 20 s (at that rate all 22 need ~63 s); pytest -m gpu ran out of 60 s; the four
+# speed cases, run apart at 10 + 2 steps, took 41 / 27 / 54 / 26 s; the fit 96 s at 30 s of
+# training per precision (now 20);
 # compile 57 s; the captured second-order step (its own part, last: a failed capture can leave
 # the CUDA context unusable, so it runs in its own process after the others) ~15 s.
 LIMITS = {"setup": 30, "rehearsal": 70, "tests": 65, "speed": 165, "fit": 85, "compile": 55, "graph": 25}
@@ -690,8 +691,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="also write the JSON summary to this file")
     p.add_argument("--log", help="append every part's own output to this file")
     p.add_argument("--cpu-smoke", action="store_true", help="the same code paths with tiny sizes on the CPU")
-    p.add_argument("--skip", nargs="*", default=[], choices=("rehearsal", "tests", "speed", "fit", "compile",
-                                                                            "graph"))
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=("rehearsal", "tests", "speed", "fit", "compile", "graph"))
     p.add_argument("--deadline", type=float, default=DEADLINE, help="seconds all parts share (GPU)")
     p.add_argument("--fit-steps", type=int, default=None, help="most timed-fit steps per precision (GPU 4000, smoke 8)")
     p.add_argument("--fit-seconds", type=float, default=None, help="most timed training seconds per precision")

@@ -21,9 +21,9 @@ import math
 import pytest
 import torch
 
-from benchmarks import speed
+from benchmarks import gpu_check, speed
 from lit_meta.bench import peers
-from lit_meta.bench.case import Case, build_data, build_ours
+from lit_meta.bench.case import Case, build_data, build_ours, case_from_args
 from lit_meta.bench.peers import PeerAbsent, build_peer, peer_version
 from lit_meta.tasks import TaskBatch
 from tests.episodes import run
@@ -97,12 +97,9 @@ def test_torch_peer_takes_our_meta_step(peer, algorithm):
     assert_same(*ours_and_theirs(peer, algorithm), **(dict(rtol=1e-4, atol=1e-6) if loose else {}))
 
 
-# the timed cases of speed.py (docs/RESULTS.md, "Speed versus every peer"): algorithm, inner steps,
-# sizes, and the case's own inner rate (inner_lr None: MAML the dataset's, Reptile Adam's 1e-3)
-TIMED = {"maml_omniglot_mb32": ("maml", 1, {"meta_batch_size": 32, "inner_lr": None}),
-         "fomaml_omniglot_mb32": ("fomaml", 1, {"meta_batch_size": 32, "inner_lr": None}),
-         "reptile_omniglot_mb32": ("reptile", 5, {"meta_batch_size": 32, "inner_lr": None}),
-         "maml_miniimagenet_mb4": ("maml", 5, {"dataset": "miniimagenet", "queries": 15, "inner_lr": None})}
+# the timed cases, as gpu_check.py runs them (and docs/RESULTS.md's commands): each case's own
+# sizes and inner rate (MAML the dataset's, Reptile Adam's 1e-3), read from its speed.py flags
+TIMED = {name: case_from_args(speed.parse_args(flags)) for name, flags in gpu_check.speed_cases(smoke=False)}
 
 
 @pytest.mark.peers
@@ -112,7 +109,9 @@ TIMED = {"maml_omniglot_mb32": ("maml", 1, {"meta_batch_size": 32, "inner_lr": N
 def test_torch_peer_takes_our_meta_step_at_the_timed_sizes(peer, timed):
     """The same agreement at each timed case's own sizes, so no side is timed doing less work there."""
     require(peer)
-    algorithm, inner_steps, sizes = TIMED[timed]
+    timed_case = TIMED[timed]
+    algorithm, inner_steps = timed_case.algorithm, timed_case.inner_steps
+    sizes = {k: getattr(timed_case, k) for k in ("dataset", "ways", "shots", "queries", "meta_batch_size", "inner_lr")}
     if algorithm == "reptile" and peer in ("higher", "parallel_metalearn"):
         pytest.skip("higher's ε placement and parallel-metalearn's missing Reptile: see the tests above")
     loose = peer == "torchopt" and algorithm == "reptile"
